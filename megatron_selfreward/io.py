@@ -1,0 +1,205 @@
+"""File IO for stages: atomic writes, JSONL read/write, content hashes.
+
+Two promises the pipeline is built on:
+- nothing is ever half written: every write goes to a temp file in the same
+  directory, is flushed and fsync'ed, then renamed over the target with
+  ``os.replace`` (atomic on POSIX), so a crash leaves the old file or the new
+  one, never a torn one;
+- a bad input line is reported as ``<file> line <n>: <problem>`` so it can be
+  found by a human without a debugger.
+
+``.gz`` paths are read and written gzip-compressed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator, Protocol, TypeVar
+
+__all__ = [
+    "JsonlError",
+    "atomic_write_text",
+    "atomic_write_json",
+    "write_jsonl",
+    "iter_jsonl",
+    "read_jsonl",
+    "iter_records",
+    "read_records",
+    "sha256_file",
+]
+
+PathLike = str | os.PathLike
+
+
+class JsonlError(ValueError):
+    """A JSONL file could not be read; names the file and the 1-based line."""
+
+    def __init__(self, path: PathLike, line_no: int | None, problem: str) -> None:
+        self.path = str(path)
+        self.line_no = line_no
+        self.problem = problem
+        loc = self.path if line_no is None else f"{self.path} line {line_no}"
+        super().__init__(f"{loc}: {problem}")
+
+
+class _FromDict(Protocol):
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Any: ...
+
+
+T = TypeVar("T", bound=_FromDict)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself lives in the directory entry; without this a power
+    # loss can forget it. Not every platform/filesystem allows opening a dir.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: PathLike, write_body: Any) -> None:
+    """Run ``write_body(binary_file)`` into a temp file, then atomically rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory as the target: os.replace is only atomic within one filesystem.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            write_body(raw)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        # Includes KeyboardInterrupt: a killed stage must not leave debris
+        # that a later glob could mistake for output.
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(target.parent)
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Replace ``path`` with ``text`` atomically."""
+    data = text.encode(encoding)
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """Replace ``path`` with pretty-printed JSON (key order kept, UTF-8, trailing newline)."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_text(path, text)
+
+
+def _to_json_obj(record: Any) -> Any:
+    to_dict = getattr(record, "to_dict", None)
+    return to_dict() if callable(to_dict) else record
+
+
+def write_jsonl(path: PathLike, records: Iterable[Any]) -> int:
+    """Atomically write one JSON object per line; returns the number of lines.
+
+    Accepts dicts or records with ``to_dict()``. Streams, so the records may
+    be a generator larger than memory.
+    """
+    count = 0
+
+    def body(raw: IO[bytes]) -> None:
+        nonlocal count
+        # mtime=0 keeps .gz output byte-identical across reruns, so content
+        # hashes in manifests stay stable.
+        out: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if _is_gz(path) else raw
+        try:
+            for record in records:
+                line = json.dumps(_to_json_obj(record), ensure_ascii=False)
+                out.write(line.encode("utf-8"))
+                out.write(b"\n")
+                count += 1
+        finally:
+            if out is not raw:
+                out.close()  # writes the gzip trailer; leaves `raw` open
+
+    _atomic_write(path, body)
+    return count
+
+
+def _is_gz(path: PathLike) -> bool:
+    return str(path).endswith(".gz")
+
+
+def _iter_numbered(path: PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (1-based line number, object) for each non-blank line."""
+    opener = gzip.open if _is_gz(path) else open
+    line_no = 0
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                obj = _parse_line(path, line_no, raw)
+                if obj is not None:
+                    yield line_no, obj
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        # A truncated or corrupt .gz fails mid-iteration; say how far we got.
+        raise JsonlError(path, line_no + 1, f"cannot read file: {err}") from err
+
+
+def _parse_line(path: PathLike, line_no: int, raw: bytes) -> dict | None:
+    try:
+        # utf-8-sig on line 1 tolerates a BOM from Windows editors.
+        text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise JsonlError(path, line_no, f"not valid UTF-8: {err}") from None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise JsonlError(path, line_no, f"invalid JSON: {err.msg} (column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise JsonlError(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def iter_jsonl(path: PathLike) -> Iterator[dict]:
+    """Yield each JSON object; blank lines are skipped. Raises JsonlError."""
+    for _, obj in _iter_numbered(path):
+        yield obj
+
+
+def read_jsonl(path: PathLike) -> list[dict]:
+    """All JSON objects of a JSONL(.gz) file. Raises JsonlError."""
+    return list(iter_jsonl(path))
+
+
+def iter_records(path: PathLike, cls: type[T]) -> Iterator[T]:
+    """Yield ``cls.from_dict`` of each line; errors name ``<path> line <n>``."""
+    for line_no, obj in _iter_numbered(path):
+        yield cls.from_dict(obj, where=f"{path} line {line_no}")
+
+
+def read_records(path: PathLike, cls: type[T]) -> list[T]:
+    """All records of a JSONL(.gz) file as ``cls`` instances."""
+    return list(iter_records(path, cls))
+
+
+def sha256_file(path: PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of the file's bytes (as stored, i.e. compressed for .gz)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,116 @@
+"""Preference-pair selection: the AIFT(M_t) rule of paper section 4.
+
+Per prompt: chosen = the candidate with the highest mean judge score,
+rejected = the one with the lowest; if the two scores tie the prompt yields no
+pair (the paper discards it). Candidates whose every judge sample failed to
+parse have no score and take no part: treating them as 0 would make every
+unparseable verdict a "rejected" example.
+
+Tie-breaking among candidates sharing the max (or the min) score is by
+response order: the FIRST such candidate in the given order wins (or loses).
+Response order is the sampling order written by the generation stage, so the
+choice is reproducible from the files alone.
+
+Length control (e.g. penalising long chosen responses) is not implemented.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Sequence
+
+from megatron_selfreward.records import Judgement, PreferencePair, Prompt, Response
+
+__all__ = ["NoPairReason", "select_pair_indices", "build_pair"]
+
+# Means of up to 3 samples in [0, 5] are exact in binary floating point in
+# practice, but a tolerance keeps "tie" robust to any other aggregation.
+_TIE_ABS_TOL = 1e-9
+
+
+class NoPairReason(str, Enum):
+    """Why a prompt produced no preference pair (values serialise as plain strings)."""
+
+    TIE = "tie"
+    TOO_FEW_SCORED = "too_few_scored"
+
+    # (str, Enum) rather than StrEnum: the project supports Python 3.10.
+    def __str__(self) -> str:
+        return self.value
+
+
+def select_pair_indices(scores: Sequence[float | None]) -> tuple[int, int] | NoPairReason:
+    """(chosen index, rejected index) into ``scores``, or why there is no pair.
+
+    ``None`` marks an unscored candidate, which is skipped. Ties for max/min go
+    to the first candidate in order.
+    """
+    scored = [(i, s) for i, s in enumerate(scores) if s is not None]
+    if len(scored) < 2:
+        return NoPairReason.TOO_FEW_SCORED
+    # max()/min() return the first of equal keys, which is the documented tie-break.
+    best_i, best = max(scored, key=lambda item: item[1])
+    worst_i, worst = min(scored, key=lambda item: item[1])
+    if math.isclose(best, worst, rel_tol=0.0, abs_tol=_TIE_ABS_TOL):
+        return NoPairReason.TIE
+    return best_i, worst_i
+
+
+def _scores_in_response_order(
+    prompt: Prompt, responses: Sequence[Response], judgements: Sequence[Judgement]
+) -> list[float | None]:
+    """Mean score per response, matched by response_id; mismatches are errors.
+
+    A missing or foreign judgement means the judging stage and the response
+    file disagree; silently dropping it would bias which pairs survive.
+    """
+    by_id: dict[str, Judgement] = {}
+    for j in judgements:
+        if j.prompt_id != prompt.prompt_id:
+            raise ValueError(f"judgement for response {j.response_id!r} has prompt_id {j.prompt_id!r}, expected {prompt.prompt_id!r}")
+        if j.response_id in by_id:
+            raise ValueError(f"prompt {prompt.prompt_id!r}: two judgements for response {j.response_id!r}")
+        by_id[j.response_id] = j
+    scores: list[float | None] = []
+    seen: set[str] = set()
+    for r in responses:
+        if r.prompt_id != prompt.prompt_id:
+            raise ValueError(f"response {r.response_id!r} has prompt_id {r.prompt_id!r}, expected {prompt.prompt_id!r}")
+        if r.response_id in seen:
+            raise ValueError(f"prompt {prompt.prompt_id!r}: duplicate response_id {r.response_id!r}")
+        seen.add(r.response_id)
+        if r.response_id not in by_id:
+            raise ValueError(f"prompt {prompt.prompt_id!r}: response {r.response_id!r} has no judgement")
+        scores.append(by_id[r.response_id].mean_score)
+    extra = sorted(set(by_id) - seen)
+    if extra:
+        raise ValueError(f"prompt {prompt.prompt_id!r}: judgements for unknown responses {extra}")
+    return scores
+
+
+def build_pair(
+    prompt: Prompt, responses: Sequence[Response], judgements: Sequence[Judgement]
+) -> tuple[PreferencePair | None, NoPairReason | None]:
+    """The preference pair for one prompt, or ``(None, reason)``.
+
+    ``judgements`` may come in any order; each response needs exactly one.
+    Raises ValueError when ids do not line up.
+    """
+    scores = _scores_in_response_order(prompt, responses, judgements)
+    picked = select_pair_indices(scores)
+    if isinstance(picked, NoPairReason):
+        return None, picked
+    chosen_i, rejected_i = picked
+    chosen, rejected = responses[chosen_i], responses[rejected_i]
+    pair = PreferencePair(
+        prompt_id=prompt.prompt_id,
+        prompt=prompt.text,
+        chosen=chosen.text,
+        rejected=rejected.text,
+        chosen_score=scores[chosen_i],  # type: ignore[arg-type]
+        rejected_score=scores[rejected_i],  # type: ignore[arg-type]
+        chosen_response_id=chosen.response_id,
+        rejected_response_id=rejected.response_id,
+    )
+    return pair, None
