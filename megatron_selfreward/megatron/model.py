@@ -1,0 +1,195 @@
+"""The Llama family as a Megatron-Core GPTModel.
+
+RMSNorm, SwiGLU, RoPE (configurable theta), grouped-query attention, optional tied embeddings,
+no biases, configurable dropout. The Transformer Engine layer spec is used when TE imports
+cleanly and CUDA is present; the local (pure megatron.core) spec otherwise. This file knows
+nothing about how the model is distributed beyond what TransformerConfig carries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_selfreward.config import Config
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+@functools.cache
+def transformer_engine_usable() -> bool:
+    """TE counts as present only if it imports cleanly *and* CUDA is there.
+
+    On CPU machines an installed TE raises RuntimeError (cudnn missing), not ImportError, so any
+    exception means "absent".
+    """
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - see docstring
+        return False
+    return True
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
+    """The embedding is split over TP ranks by rows, so its row count must divide evenly."""
+    return -(-vocab_size // tensor_parallel_size) * tensor_parallel_size
+
+
+def transformer_config(cfg: Config, *, for_meta: bool = False) -> Any:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, p, prec = cfg.model, cfg.parallel, cfg.precision
+    dtype = torch_dtype(prec.params_dtype)
+    on_gpu = torch.cuda.is_available()
+    fp8 = prec.fp8 or None
+    if fp8 and not transformer_engine_usable():
+        raise RuntimeError(
+            "precision.fp8 is set but Transformer Engine is not usable here (it needs CUDA and "
+            "`pip install megatron-selfreward[te]`); unset precision.fp8 to train in BF16."
+        )
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        init_method_std=m.init_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        fp8=fp8,
+        fp8_recipe=prec.fp8_recipe,
+        # Host-side init splits one full master weight per layer: identical weights for any TP.
+        use_cpu_initialization=not on_gpu or for_meta,
+        perform_initialization=not for_meta,
+        # These fusions need apex / TE kernels; megatron.core has no CPU fallback for them.
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+    )
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm with megatron's constructor, usable under sequence parallelism.
+
+    megatron.core's own torch-norm wrapper refuses sequence parallelism. Under SP each TP rank
+    normalises a slice of the sequence, so the weight's grad is a partial sum: flagging the weight
+    `sequence_parallel` makes megatron all-reduce it over the TP group (as TE's norms do).
+    """
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        if config.sequence_parallel:
+            self.weight.sequence_parallel = True
+
+
+def layer_spec(cfg: Config, tconf: Any) -> Any:
+    """The decoder block spec: TE layers when usable, megatron's local layers with our norm otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if transformer_engine_usable():
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    local = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = dataclasses.replace(
+        local,
+        submodules=dataclasses.replace(
+            local.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm
+        ),
+    )
+    block = TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(tconf), layer_norm=RMSNorm
+    )
+    return ModuleSpec(module=TransformerBlock, submodules=block)
+
+
+def build_model(
+    cfg: Config,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    meta: bool = False,
+) -> Any:
+    """Build this rank's GPTModel chunk (the whole model at PP=1).
+
+    `meta=True` builds on the meta device, without allocating or initialising weights, for
+    parameter counting and memory planning; it needs no process group.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage() if not meta else True
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage() if not meta else True
+    tconf = transformer_config(cfg, for_meta=meta)
+    ctx = torch.device("meta") if meta else contextlib.nullcontext()
+    with ctx:
+        model = GPTModel(
+            config=tconf,
+            transformer_layer_spec=layer_spec(cfg, tconf),
+            vocab_size=padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tensor_model_parallel_size),
+            max_sequence_length=cfg.model.max_seq_len,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rope_theta,
+            parallel_output=True,
+        )
+    return model
+
+
+def count_parameters(cfg: Config) -> int:
+    """Unique parameters of the whole model at TP=1/PP=1 (tied embeddings counted once)."""
+    single = dataclasses.replace(
+        cfg,
+        parallel=dataclasses.replace(
+            cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+            sequence_parallel=False,
+        ),
+    )
+    from megatron_selfreward.megatron.parallel import single_process_world
+
+    with single_process_world():
+        model = build_model(single, meta=True)
+    seen: set[int] = set()
+    total = 0
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total

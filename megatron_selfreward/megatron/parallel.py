@@ -1,0 +1,159 @@
+"""Distributed start-up: torchrun or srun environment -> torch.distributed -> Megatron TP/PP/DP.
+
+One place decides the backend (NCCL with CUDA, gloo without), reads the launcher's environment
+(torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR, or Slurm's SLURM_PROCID/SLURM_NTASKS/
+SLURM_LOCALID with the master derived from SLURM_JOB_NODELIST) and sets up megatron.core's
+parallel state from the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+
+from megatron_selfreward.config import Config, ConfigError, check_batch_layout
+from megatron_selfreward.megatron import cpu_compat
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand Slurm's compressed host list: 'gpu[01-03,07],login1' -> gpu01 gpu02 gpu03 gpu07 login1."""
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            lo, _, hi = item.partition("-")
+            if not hi:
+                hosts.append(f"{prefix}{lo}{suffix}")
+                continue
+            for i in range(int(lo), int(hi) + 1):
+                hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
+    return hosts
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+        # A port every task of the job derives alike, so no rendezvous is needed to agree on it.
+        default_port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            master_addr=env.get("MASTER_ADDR") or (nodes[0] if nodes else "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", default_port)),
+            launcher="slurm",
+        )
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Start torch.distributed and megatron's TP/PP/DP groups as the config says."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    cpu_compat.apply()
+    env = read_dist_env(environ)
+    p = cfg.parallel
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if p.world_size and p.world_size != env.world_size:
+        raise ConfigError(
+            f"config key 'parallel.world_size': set to {p.world_size} but the launcher ({env.launcher}) "
+            f"started {env.world_size} processes; set it to 0 to follow the launcher"
+        )
+    if env.world_size % model_parallel:
+        raise ConfigError(
+            f"config key 'parallel.tensor_model_parallel_size': world size {env.world_size} is not "
+            f"divisible by TP x PP = {model_parallel}"
+        )
+    check_batch_layout(cfg, env.world_size)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend(),
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=30),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.pipeline.seed)
+    return env
+
+
+def destroy_distributed() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process_world(tensor_parallel_size: int = 1) -> Iterator[None]:
+    """A 1-rank gloo world with megatron's parallel state, for building models in-process.
+
+    Reuses an existing process group (and leaves it) if the caller already has one.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    cpu_compat.apply()
+    if parallel_state.model_parallel_is_initialized():
+        yield
+        return
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()
