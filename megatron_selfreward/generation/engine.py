@@ -1,0 +1,131 @@
+"""The generation engine protocol: what every backend (in-process Megatron, TensorRT-LLM) offers.
+
+Algorithms (response sampling, judging, prompt generation) build `GenerationRequest`s and read
+`GenerationResult`s; they never know which backend ran them. Token ids are the contract: prompts
+go in as token ids, samples come back as token ids plus text (decoded by the engine when it has
+a tokenizer, otherwise by the caller).
+
+Semantics every backend must keep:
+- `generate(requests)` returns one result per request, in input order; `samples[j]` is sample j.
+- `temperature == 0` is greedy decoding; otherwise temperature, then top-k, then top-p
+  (nucleus over the top-k-renormalised distribution) shape the sampling distribution.
+- A request's samples are reproducible from `(seed, sample index)` alone: the same request with
+  the same seed gives the same samples whatever else is in the batch (up to floating-point
+  differences in the logits of different batch shapes, which in practice never flip a token).
+- `Sample.logprobs[i]` is the log-probability of generated token i under the model's
+  *unmodified* next-token distribution: `log_softmax` of the raw logits over the real
+  vocabulary, before temperature, top-k or top-p. That is the quantity DPO and diagnostics need,
+  and it does not depend on the sampling settings.
+- Weights are loaded once per iteration with `load_weights`, never per request.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+FinishReason = Literal["stop", "length", "eos"]
+
+
+@dataclass
+class SamplingParams:
+    """How to decode one request.
+
+    temperature: 0 = greedy. top_k: 0 = off. top_p: 1.0 = off.
+    n: samples per request; they share one prompt prefill.
+    seed: None = derived from the engine's seed and the request id.
+    stop_strings: generation stops once the decoded text contains one; the text is cut before it
+        (needs a tokenizer). stop_token_ids: extra token ids that end a sample ("stop"); the
+        engine's EOS ids end it with "eos".
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    n: int = 1
+    seed: int | None = None
+    stop_strings: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("SamplingParams.stop_strings must not contain empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError(f"request {self.request_id!r}: prompt_token_ids is empty")
+
+
+@dataclass
+class Sample:
+    """One generated continuation.
+
+    token_ids: the generated tokens, including the token that ended the sample (EOS, a stop
+        token, or the token that completed a stop string), so a trainer sees what the model
+        actually emitted. text: the decoded continuation without that EOS / stop token and cut
+        before the first stop string; "" until someone with a tokenizer fills it.
+    logprobs: one per token in token_ids, under the unmodified distribution (module docstring).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    text: str = ""
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    samples: list[Sample]
+
+
+def sample_seed(seed: int | None, sample_index: int, *, engine_seed: int, request_id: str) -> int:
+    """The RNG seed of one sample: a stable hash, so it is the same in every process and batch.
+
+    With an explicit request seed the request id does not enter, so two requests with the same
+    seed sample alike (as in vLLM); without one, the engine seed and the request id stand in.
+    """
+    key = f"{seed}:{sample_index}" if seed is not None else f"{engine_seed}:{request_id}:{sample_index}"
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class GenerationEngine(abc.ABC):
+    """A backend that turns requests into samples. See the module docstring for the contract."""
+
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Generate every request; results in input order."""
+
+    @abc.abstractmethod
+    def load_weights(self, source: Any) -> None:
+        """Take new weights (once per iteration): a checkpoint path or backend-specific object."""
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Counters and timings for the throughput report; backends fill what they can."""
+        return {}

@@ -1,0 +1,756 @@
+"""The in-process generation engine: batched KV-cache decoding on a Megatron-Core GPTModel.
+
+Used for response sampling, judging and prompt generation on the everyday CPU path (and as the
+fallback on GPUs without TensorRT-LLM). It runs this rank's shard of the model (so tensor
+parallelism is Megatron's own weight layout) with its own attention over its own KV cache:
+
+- Plain Llama layers (the local spec) run on their weight tensors directly (F.linear, rms_norm,
+  SDPA, an all-reduce after row-parallel GEMMs): Megatron's per-call wrappers cost about as much
+  as the GEMMs at decode batch sizes on a CPU. Other layers (the TE spec on GPUs) run through
+  their Megatron modules. `dtype="bfloat16"` runs an fp32 model as a bf16 copy (AMX CPUs).
+- Why not megatron's StaticInferenceContext: it stores keys *before* RoPE and re-rotates the
+  whole cache every step, takes RoPE positions from the column index (one offset for the whole
+  batch, so left padding shifts a row's positions and a shared prefix cannot be followed by
+  padded suffixes) and repeats KV heads for GQA each step. Our cache stores rotated keys, takes
+  per-row position ids, and calls torch's SDPA with native GQA. Measured side by side in
+  benchmarks/generate_cpu.py (`kv_cache` section).
+- Layout of one micro-batch's cache: columns [0, P) hold the shared prefix, columns [P, P + S)
+  the prompt suffixes right-aligned (a row's padding sits just after the prefix and is masked),
+  then one column per decode step. Every row's last prompt token is in the same column, so one
+  step feeds one token per row. Position ids are per row and count real tokens only.
+- Reuse granularity: (1) identical prompts (the `n` samples of a request, and equal prompts
+  across requests) are prefilled once and their cache rows copied; (2) the longest common token
+  prefix of all distinct prompts in a micro-batch (the judge rubric, a few-shot header, the chat
+  template's system turn) is prefilled once with batch size 1 and copied into every row.
+  Requests are sorted by prompt tokens before they are cut into micro-batches, so prompts that
+  share a prefix land together. Nothing is cached across `generate` calls.
+- Finished rows are dropped from the batch (and the cache) once a quarter of them are done.
+- Sampling: temperature, then top-k, then top-p over the renormalised top-k distribution, by
+  inverse CDF with one uniform per token drawn from the sample's own generator, so a sample
+  depends only on its seed and sample index, not on the batch. Padded vocabulary rows (vocab
+  padded for TP) are cut off before anything sees them.
+- TP > 1: logits are all-gathered over the TP group, every rank samples, and TP rank 0's tokens
+  and log-probs are broadcast so all ranks continue identically. Every TP rank must call
+  `generate` with the same requests. PP > 1 and sequence parallelism are refused with a clear
+  error (generate from a PP=1 copy: checkpoints reshard on load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megatron_selfreward.config import Config
+from megatron_selfreward.generation.engine import (
+    FinishReason,
+    GenerationEngine,
+    GenerationRequest,
+    GenerationResult,
+    Sample,
+    SamplingParams,
+    sample_seed,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Bounds the [rows, heads, chunk, length] attention scores of a long prefill.
+PREFILL_CHUNK_TOKENS = 256
+# Dropping finished rows copies the cache; do it once this share of the batch is done.
+COMPACT_FRACTION = 0.25
+# Top-k / top-p look at this many largest logits first, a full sort only where that is not exact.
+SAMPLING_HEAD_TOKENS = 256
+# Decoding a short window of tail tokens is enough to see a stop string appear.
+STOP_WINDOW_EXTRA_TOKENS = 8
+
+
+class KVCache:
+    """Per-layer keys (after RoPE) and values, [rows, kv_heads, max_len, head_dim] each.
+
+    Buffers are allocated on first write, from the shapes the model produces (so a TP rank's
+    share of KV heads needs no bookkeeping here). `valid[r, c]` says column c of row r holds a
+    real token; padding columns are never attended to.
+    """
+
+    def __init__(self, rows: int, max_len: int, num_layers: int) -> None:
+        self.rows, self.max_len = rows, max_len
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.valid = torch.zeros(rows, max_len, dtype=torch.bool)
+        self.length = 0
+
+    def write(
+        self, layer: int, key: torch.Tensor, value: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store [rows, s, kv_heads, dim] keys/values at column `start`; return columns [0, start+s)."""
+        if self.keys[layer] is None:
+            _, _, groups, dim = key.shape
+            shape = (self.rows, groups, self.max_len, dim)
+            self.keys[layer] = key.new_empty(shape)
+            self.values[layer] = value.new_empty(shape)
+        end = start + key.shape[1]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, start:end] = key.transpose(1, 2)
+        values[:, :, start:end] = value.transpose(1, 2)
+        return keys[:, :, :end], values[:, :, :end]
+
+    def take_rows(self, index: torch.Tensor) -> "KVCache":
+        """A cache of rows `index` (repeats allowed), copying only the columns written so far."""
+        new = KVCache(len(index), self.max_len, len(self.keys))
+        n = self.length
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            if keys is None or values is None:
+                continue
+            new.keys[layer] = keys.new_empty((len(index),) + tuple(keys.shape[1:]))
+            new.values[layer] = values.new_empty((len(index),) + tuple(values.shape[1:]))
+            new.keys[layer][:, :, :n] = keys[index, :, :n]
+            new.values[layer][:, :, :n] = values[index, :, :n]
+        new.valid[:, :n] = self.valid[index, :n]
+        new.length = n
+        return new
+
+    def fill_prefix(self, prefix: "KVCache") -> None:
+        """Copy a one-row cache's columns into every row (the shared prefix)."""
+        n = prefix.length
+        for layer, (keys, values) in enumerate(zip(prefix.keys, prefix.values)):
+            if keys is None or values is None:
+                continue
+            if self.keys[layer] is None:
+                shape = (self.rows, keys.shape[1], self.max_len, keys.shape[3])
+                self.keys[layer], self.values[layer] = keys.new_empty(shape), values.new_empty(shape)
+            self.keys[layer][:, :, :n] = keys[:, :, :n]
+            self.values[layer][:, :, :n] = values[:, :, :n]
+        self.valid[:, :n] = prefix.valid[:, :n]
+        self.length = n
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass
+class _LayerWeights:
+    """One decoder layer's tensors for the direct path (this TP rank's shards)."""
+
+    attn_norm: torch.Tensor
+    attn_eps: float
+    qkv: torch.Tensor
+    proj: torch.Tensor
+    mlp_norm: torch.Tensor
+    mlp_eps: float
+    fc1: torch.Tensor
+    fc2: torch.Tensor
+    groups: int
+    heads_per_group: int
+    head_dim: int
+
+
+def _norm_eps(norm: Any) -> float:
+    return norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
+
+
+def _direct_weights(layer: Any, tp_size: int, dtype: torch.dtype) -> _LayerWeights | None:
+    """The layer's tensors if it is the plain local-spec Llama layer, else None (module path).
+
+    The direct path skips Megatron's per-call autograd-function and TP-region wrappers, which
+    cost about as much as the GEMMs themselves at decode batch sizes on a CPU.
+    """
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    attn, mlp, conf = layer.self_attention, layer.mlp, layer.config
+    norms = (layer.input_layernorm, layer.pre_mlp_layernorm)
+    linears = (attn.linear_qkv, attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2)
+    plain = (
+        all(isinstance(n, torch.nn.RMSNorm) and n.weight is not None for n in norms)
+        and [type(m) for m in linears] == [ColumnParallelLinear, RowParallelLinear] * 2
+        and all(getattr(m, "bias", None) is None for m in linears)
+        and all(n is None or isinstance(n, IdentityOp) for n in (attn.q_layernorm, attn.k_layernorm))
+        and conf.gated_linear_unit and conf.activation_func is F.silu
+        and not conf.use_te_activation_func and not conf.attention_output_gate
+        and conf.num_query_groups >= tp_size
+    )
+    if not plain:
+        return None
+    groups = attn.num_query_groups_per_partition
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(dtype)  # a view of the parameter when the dtype already matches
+
+    return _LayerWeights(
+        cast(norms[0].weight), _norm_eps(norms[0]), cast(attn.linear_qkv.weight),
+        cast(attn.linear_proj.weight), cast(norms[1].weight), _norm_eps(norms[1]),
+        cast(mlp.linear_fc1.weight), cast(mlp.linear_fc2.weight), groups,
+        attn.num_attention_heads_per_partition // groups, attn.hidden_size_per_attention_head,
+    )
+
+
+class MegatronRunner:
+    """Forward passes of a Megatron-Core GPTModel (PP=1) over a KVCache.
+
+    Works in [batch, seq, hidden] layout: Megatron's linear layers only touch the last dim, and
+    the attention core is ours. Two paths, equal up to rounding (both tested against the model's
+    own forward): the direct path runs plain-Llama local-spec layers with the layer's weight
+    tensors (optionally cast to `dtype`, e.g. bfloat16 for CPUs with AMX); any other layer (TE
+    spec, gated attention, ...) runs through its own Megatron modules in the model's dtype.
+    The direct path holds views of the parameters when `dtype` is the model's, so it sees
+    training updates; a cast copy is refreshed by `MegatronEngine.load_weights`.
+    """
+
+    def __init__(self, model: Any, vocab_size: int, dtype: torch.dtype | None = None) -> None:
+        from megatron.core import parallel_state
+
+        from megatron_selfreward.megatron.checkpoint import unwrap
+
+        self.model = unwrap(model)
+        conf = self.model.config
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise NotImplementedError(
+                "MegatronEngine runs with pipeline_model_parallel_size=1 only; generate with a "
+                "PP=1 copy of the model (checkpoints reshard on load) or use the TRT-LLM engine"
+            )
+        if conf.sequence_parallel:
+            raise NotImplementedError(
+                "MegatronEngine needs a model built with parallel.sequence_parallel=false "
+                "(decode steps feed one token per row, which cannot be split over TP ranks)"
+            )
+        if self.model.position_embedding_type != "rope" or conf.rotary_interleaved:
+            raise NotImplementedError("MegatronEngine supports non-interleaved RoPE models only")
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_group = parallel_state.get_tensor_model_parallel_group() if self.tp_size > 1 else None
+        self.layers = list(self.model.decoder.layers)
+        self.final_norm = self.model.decoder.final_layernorm
+        self.model_dtype = conf.params_dtype
+        self.dtype = dtype or self.model_dtype
+        direct = [_direct_weights(layer, self.tp_size, self.dtype) for layer in self.layers]
+        plain_norm = isinstance(self.final_norm, torch.nn.RMSNorm) and self.final_norm.weight is not None
+        self.direct = direct if plain_norm and all(w is not None for w in direct) else None
+        if self.direct is None and self.dtype != self.model_dtype:
+            raise NotImplementedError(
+                f"generation dtype {self.dtype} differs from the model's {self.model_dtype}, which "
+                "only the direct (local-spec Llama) path supports; leave dtype unset"
+            )
+        self.output_weight = self._output_weight()
+        if self.direct is not None:
+            self.final_norm_weight = self.final_norm.weight.detach().to(self.dtype)
+            self.final_norm_eps = _norm_eps(self.final_norm)
+        rope = self.model.rotary_pos_emb
+        self.inv_freq = rope.inv_freq.float().cpu()
+        factor = rope.seq_len_interpolation_factor
+        self.position_scale = 1.0 / factor if factor else 1.0
+        self.softmax_scale = self.layers[0].self_attention.core_attention.softmax_scale
+        self.vocab_size = vocab_size
+
+    def _output_weight(self) -> torch.Tensor:
+        if self.model.share_embeddings_and_output_weights:
+            weight = self.model.shared_embedding_or_output_weight()
+        else:
+            weight = self.model.output_layer.weight
+        return weight.detach().to(self.dtype)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [b, s, 1, rot_dim], as megatron computes them (fp32, then cast)."""
+        freqs = (positions.float() * self.position_scale)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    @staticmethod
+    def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot = cos.shape[-1]
+        if rot == x.shape[-1]:
+            return x * cos + _rotate_half(x) * sin
+        head, tail = x[..., :rot], x[..., rot:]
+        return torch.cat((head * cos + _rotate_half(head) * sin, tail), dim=-1)
+
+    @staticmethod
+    def _mask(valid: torch.Tensor, start: int, steps: int) -> torch.Tensor:
+        """[b, 1, steps, start+steps] True = attend: valid earlier columns, causal within the chunk.
+
+        Each query may always see its own column, so padding queries get a finite (ignored)
+        output instead of NaN, which would otherwise leak through 0 * NaN into the cache.
+        """
+        length = start + steps
+        cols = torch.arange(length)
+        rows = torch.arange(start, length)
+        causal = cols[None, :] <= rows[:, None]
+        mask = causal[None] & valid[:, None, :length]
+        mask |= (cols[None, :] == rows[:, None])[None]
+        return mask[:, None]
+
+    def _attend(self, index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                rope: tuple, mask: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """RoPE, cache append and SDPA: [b, s, heads, dim] in, [b, s, heads * dim] out."""
+        query, key = self._apply_rope(query, *rope), self._apply_rope(key, *rope)
+        keys, values = cache.write(index, key, value, start)
+        context = F.scaled_dot_product_attention(
+            query.transpose(1, 2), keys, values, attn_mask=mask, scale=self.softmax_scale,
+            enable_gqa=keys.shape[1] != query.shape[2],
+        )
+        return context.transpose(1, 2).flatten(2)
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sum a row-parallel layer's partial outputs over TP (what RowParallelLinear does)."""
+        if self.tp_group is not None:
+            torch.distributed.all_reduce(partial, group=self.tp_group)
+        return partial
+
+    def _direct_layer(self, index: int, w: _LayerWeights, hidden: torch.Tensor, rope: tuple,
+                      mask: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        b, s, h = hidden.shape
+        x = F.rms_norm(hidden, (h,), w.attn_norm, w.attn_eps)
+        qkv = F.linear(x, w.qkv).view(b, s, w.groups, (w.heads_per_group + 2) * w.head_dim)
+        query, key, value = qkv.split([w.heads_per_group * w.head_dim, w.head_dim, w.head_dim], dim=-1)
+        query = query.reshape(b, s, w.groups * w.heads_per_group, w.head_dim)
+        context = self._attend(index, query, key, value, rope, mask, cache, start)
+        hidden = hidden + self._reduce(F.linear(context, w.proj))
+        gate, up = F.linear(F.rms_norm(hidden, (h,), w.mlp_norm, w.mlp_eps), w.fc1).chunk(2, dim=-1)
+        return hidden + self._reduce(F.linear(F.silu(gate) * up, w.fc2))
+
+    def _module_layer(self, index: int, layer: Any, hidden: torch.Tensor, rope: tuple,
+                      mask: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        attn = layer.self_attention
+        query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden))
+        context = self._attend(index, query, key, value, rope, mask, cache, start)
+        out, bias = attn.linear_proj(context)
+        hidden = hidden + (out if bias is None else out + bias)
+        out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
+        return hidden + (out if bias is None else out + bias)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary fp32 logits [..., vocab_size] from final hidden states."""
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        if self.direct is not None:
+            normed = F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm_weight, self.final_norm_eps)
+        else:
+            normed = self.final_norm(hidden)
+        logits = F.linear(normed, self.output_weight)
+        if self.tp_size > 1:
+            logits = gather_from_tensor_model_parallel_region(logits)
+        return logits[..., : self.vocab_size].float()
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, token_valid: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
+        """Append [b, s] tokens to the cache; return the logits [b, vocab] of the last column."""
+        start, steps = cache.length, tokens.shape[1]
+        cache.valid[:, start : start + steps] = token_valid
+        mask = self._mask(cache.valid, start, steps)
+        # The embedding module handles TP (vocab-parallel lookup + all-reduce).
+        hidden = self.model.embedding.word_embeddings(tokens).to(self.dtype)
+        rope = self._rope(positions)
+        for index, layer in enumerate(self.layers):
+            if self.direct is not None:
+                hidden = self._direct_layer(index, self.direct[index], hidden, rope, mask, cache, start)
+            else:
+                hidden = self._module_layer(index, layer, hidden, rope, mask, cache, start)
+        cache.length = start + steps
+        return self.logits(hidden[:, -1])
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, token_valid: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
+        """`forward` in column chunks of PREFILL_CHUNK_TOKENS; logits of the last column."""
+        logits = None
+        for start in range(0, tokens.shape[1], PREFILL_CHUNK_TOKENS):
+            part = slice(start, start + PREFILL_CHUNK_TOKENS)
+            logits = self.forward(tokens[:, part], positions[:, part], token_valid[:, part], cache)
+        assert logits is not None
+        return logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def _sample_plain(scaled: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling from softmax(scaled), one uniform per row."""
+    cdf = scaled.softmax(dim=-1).cumsum(dim=-1)
+    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    # right=True never lands on a zero-probability token (the CDF is flat there); the clamp
+    # guards the u -> 1 rounding edge.
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(cdf.shape[-1] - 1)
+
+
+def _sample_head(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 uniform: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k / top-p sampling over the `width` largest logits of each row.
+
+    Returns the tokens and, per row, whether that was exact: the top-k set lies in the head, or
+    (top-k off) the nucleus closes inside it. A full sort of a 49k vocabulary costs more than a
+    decode step's attention on a CPU; the head of a trained model's distribution rarely does.
+    """
+    vocab = scaled.shape[-1]
+    head, order = scaled.topk(width, dim=-1)  # sorted, largest first
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
+    head = head.masked_fill(torch.arange(width) >= k[:, None], -math.inf)
+    # Normalise over the top-k set (inside the head when k <= width), else over everything.
+    log_norm = torch.where(k <= width, torch.logsumexp(head, dim=-1), torch.logsumexp(scaled, dim=-1))
+    probs = (head - log_norm[:, None]).exp()
+    cum = probs.cumsum(dim=-1)
+    # Keep the smallest head whose mass reaches top_p; top_p = 1 must keep everything even
+    # when the fp32 cumulative sum overshoots 1.
+    threshold = torch.where(top_p >= 1.0, torch.full_like(top_p, math.inf), top_p)
+    probs = probs.masked_fill(cum - probs >= threshold[:, None], 0.0)
+    covered = (k <= width) | ((k == vocab) & (cum[:, -1] >= threshold)) | (width == vocab)
+    cdf = probs.cumsum(dim=-1)
+    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    last = (probs > 0).sum(dim=-1) - 1
+    pick = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(last)
+    return order.gather(1, pick[:, None]).squeeze(1), covered
+
+
+def _sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                 top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row (all rows have temperature > 0): temperature, top-k, then top-p."""
+    scaled = logits / temperature[:, None]
+    tokens = torch.empty(len(scaled), dtype=torch.long)
+    plain = (top_k == 0) & (top_p >= 1.0)
+    if bool(plain.any()):
+        tokens[plain] = _sample_plain(scaled[plain], uniform[plain])
+    if bool(plain.all()):
+        return tokens
+    idx = (~plain).nonzero().squeeze(1)
+    width = min(scaled.shape[-1], SAMPLING_HEAD_TOKENS)
+    head_tokens, covered = _sample_head(scaled[idx], top_k[idx], top_p[idx], uniform[idx], width)
+    tokens[idx] = head_tokens
+    if not bool(covered.all()):
+        miss = idx[~covered]
+        tokens[miss], _ = _sample_head(scaled[miss], top_k[miss], top_p[miss], uniform[miss],
+                                       scaled.shape[-1])
+    return tokens
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row and its log-probability under the unmodified distribution.
+
+    logits [rows, vocab] fp32; temperature 0 = greedy (argmax); top_k 0 = off; top_p 1 = off;
+    uniform [rows] in [0, 1): the row's random number for this step.
+    """
+    tokens = logits.argmax(dim=-1)
+    sampled = temperature > 0
+    if bool(sampled.any()):
+        idx = sampled.nonzero().squeeze(1)
+        tokens[idx] = _sample_rows(logits[idx], temperature[idx], top_k[idx], top_p[idx], uniform[idx])
+    logprobs = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return tokens, logprobs
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+@dataclass
+class _Row:
+    """One sample being generated: a row of a micro-batch."""
+
+    request_index: int
+    sample_index: int
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    max_new_tokens: int
+    seed: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+
+def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Longest common token prefix of the prompts, leaving every prompt at least one token."""
+    first = prompts[0]
+    limit = min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def _right_aligned(prompts: Sequence[tuple[int, ...]], start: int, width: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens, positions and validity [rows, width] of prompt[start:], padded on the left."""
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+    positions = torch.zeros(len(prompts), width, dtype=torch.long)
+    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        suffix = prompt[start:]
+        tokens[row, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+        positions[row, width - len(suffix):] = torch.arange(start, len(prompt))
+        valid[row, width - len(suffix):] = True
+    return tokens, positions, valid
+
+
+_STAT_KEYS = (
+    "requests", "samples", "micro_batches", "prefill_tokens_requested", "prefill_tokens_computed",
+    "prefill_pad_tokens", "decode_tokens", "decode_row_steps", "decode_steps",
+    "prefill_time_s", "decode_time_s",
+)
+
+
+class MegatronEngine(GenerationEngine):
+    """Batched KV-cache generation on this process's Megatron-Core GPTModel (see module docs).
+
+    model: the GPTModel (or its DDP wrapper) of this rank; cfg: the run config (vocab size,
+    max_seq_len, generation.batch_size as the default rows per micro-batch, pipeline.seed);
+    tokenizer: anything with `decode(list[int]) -> str`, needed for stop strings and to fill
+    `Sample.text`; eos_token_ids: default = the tokenizer's `eos_token_id`; dtype: compute
+    dtype of generation ("bfloat16" runs fp32-trained weights as a bf16 copy, several times
+    faster on CPUs with AMX); default = the model's.
+    """
+
+    def __init__(self, model: Any, cfg: Config, tokenizer: Any = None,
+                 eos_token_ids: Sequence[int] | None = None, *, max_batch_size: int | None = None,
+                 prefix_reuse: bool = True, seed: int | None = None,
+                 dtype: str | torch.dtype | None = None) -> None:
+        self.cfg = cfg
+        self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.runner = MegatronRunner(model, cfg.model.vocab_size, self.dtype)
+        self.tokenizer = tokenizer
+        if eos_token_ids is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+            eos_token_ids = [] if eos is None else [eos]
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.max_batch_size = max_batch_size or cfg.generation.batch_size
+        self.prefix_reuse = prefix_reuse
+        self.seed = cfg.pipeline.seed if seed is None else seed
+        self.max_seq_len = cfg.model.max_seq_len
+        self._stats: dict[str, float] = {}
+        self.reset_stats()
+
+    # -- protocol --------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Counters since `reset_stats`, plus derived rates.
+
+        prefill_tokens_requested: prompt tokens over all samples (what prefilling every sample
+        separately would compute); prefill_tokens_computed: real tokens actually run;
+        prefill_pad_tokens: padding columns run besides; decode_tokens: tokens generated;
+        decode_row_steps: rows run in decode steps (finished rows wait for compaction).
+        """
+        out = dict(self._stats)
+        requested = out["prefill_tokens_requested"]
+        out["prefill_saved_fraction"] = 1.0 - out["prefill_tokens_computed"] / requested if requested else 0.0
+        total = out["prefill_time_s"] + out["decode_time_s"]
+        out["output_tokens_per_s"] = out["decode_tokens"] / total if total else 0.0
+        return out
+
+    def reset_stats(self) -> None:
+        self._stats = {key: 0.0 if key.endswith("_s") else 0 for key in _STAT_KEYS}
+
+    def load_weights(self, source: Any) -> None:
+        """New weights, once per iteration: a Megatron distributed checkpoint directory (any TP),
+        or a GPTModel (the trained one, possibly re-wrapped). Refreshes cast weight copies."""
+        if isinstance(source, (str, Path)):
+            from megatron_selfreward.megatron.checkpoint import load_model
+
+            load_model(self.runner.model, source)
+            source = self.runner.model
+        if not isinstance(source, torch.nn.Module):
+            raise TypeError(f"load_weights takes a checkpoint directory or a GPTModel, not {type(source)}")
+        self.runner = MegatronRunner(source, self.cfg.model.vocab_size, self.dtype)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        rows = self._rows(requests)
+        with self._inference_mode():
+            for batch in self._micro_batches(rows):
+                self._run_batch(batch)
+        by_request: list[list[Sample]] = [[] for _ in requests]
+        for row in sorted(rows, key=lambda r: (r.request_index, r.sample_index)):
+            by_request[row.request_index].append(self._to_sample(row))
+        self._stats["requests"] += len(requests)
+        self._stats["samples"] += len(rows)
+        return [GenerationResult(r.request_id, s) for r, s in zip(requests, by_request)]
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def _rows(self, requests: Sequence[GenerationRequest]) -> list[_Row]:
+        """One row per sample, validated, in prompt order (shared prefixes adjacent)."""
+        rows: list[_Row] = []
+        order = sorted(range(len(requests)), key=lambda i: requests[i].prompt_token_ids)
+        for index in order:
+            request = requests[index]
+            prompt, params = tuple(request.prompt_token_ids), request.params
+            if params.stop_strings and self.tokenizer is None:
+                raise ValueError(f"request {request.request_id!r}: stop_strings need a tokenizer; "
+                                 "pass tokenizer= to MegatronEngine")
+            if len(prompt) >= self.max_seq_len:
+                raise ValueError(f"request {request.request_id!r}: prompt has {len(prompt)} tokens, "
+                                 f"model.max_seq_len is {self.max_seq_len}")
+            if min(prompt) < 0 or max(prompt) >= self.runner.vocab_size:
+                raise ValueError(f"request {request.request_id!r}: token id outside the vocabulary "
+                                 f"[0, {self.runner.vocab_size})")
+            # Generation stops at the model's context length ("length") rather than failing.
+            max_new = min(params.max_new_tokens, self.max_seq_len - len(prompt))
+            for j in range(params.n):
+                seed = sample_seed(params.seed, j, engine_seed=self.seed, request_id=request.request_id)
+                rows.append(_Row(index, j, prompt, params, max_new, seed))
+        return rows
+
+    def _micro_batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
+        """Up to max_batch_size rows each; a request's samples are split only if n exceeds it."""
+        batch: list[_Row] = []
+        i = 0
+        while i < len(rows):
+            j = i
+            while j < len(rows) and rows[j].request_index == rows[i].request_index:
+                j += 1
+            group = rows[i:j]
+            if batch and len(batch) + len(group) > self.max_batch_size:
+                yield batch
+                batch = []
+            while len(group) > self.max_batch_size:
+                yield group[: self.max_batch_size]
+                group = group[self.max_batch_size:]
+            batch.extend(group)
+            i = j
+        if batch:
+            yield batch
+
+    @contextlib.contextmanager
+    def _inference_mode(self) -> Iterator[None]:
+        """Eval mode (no dropout) for the duration, restoring the trainer's mode afterwards."""
+        model = self.runner.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            model.train(was_training)
+
+    # -- one micro-batch ----------------------------------------------------------------------
+
+    def _run_batch(self, batch: list[_Row]) -> None:
+        start = time.perf_counter()
+        cache, logits = self._prefill(batch)
+        prefilled = time.perf_counter()
+        self._decode(batch, cache, logits)
+        self._stats["prefill_time_s"] += prefilled - start
+        self._stats["decode_time_s"] += time.perf_counter() - prefilled
+        self._stats["micro_batches"] += 1
+
+    def _prefill(self, batch: list[_Row]) -> tuple[KVCache, torch.Tensor]:
+        """Prefill each distinct prompt once (shared prefix once), then one cache row per sample."""
+        unique: dict[tuple[int, ...], int] = {}
+        row_to_unique = [unique.setdefault(row.prompt, len(unique)) for row in batch]
+        prompts = list(unique)
+        shared = shared_prefix_len(prompts) if self.prefix_reuse and len(prompts) > 1 else 0
+        width = max(len(p) for p in prompts) - shared
+        max_len = shared + width + max(row.max_new_tokens for row in batch)
+        layers = len(self.runner.layers)
+        cache = KVCache(len(prompts), max_len, layers)
+        if shared:
+            prefix = KVCache(1, shared, layers)
+            tokens = torch.tensor([prompts[0][:shared]], dtype=torch.long)
+            self.runner.prefill(tokens, torch.arange(shared)[None], torch.ones_like(tokens, dtype=torch.bool), prefix)
+            cache.fill_prefix(prefix)
+        tokens, positions, valid = _right_aligned(prompts, shared, width)
+        logits = self.runner.prefill(tokens, positions, valid, cache)
+        if row_to_unique != list(range(len(prompts))):
+            index = torch.tensor(row_to_unique, dtype=torch.long)
+            cache, logits = cache.take_rows(index), logits[index]
+        computed = shared + sum(len(p) - shared for p in prompts)
+        self._stats["prefill_tokens_requested"] += sum(len(row.prompt) for row in batch)
+        self._stats["prefill_tokens_computed"] += computed
+        self._stats["prefill_pad_tokens"] += len(prompts) * width - (computed - shared)
+        return cache, logits
+
+    def _decode(self, batch: list[_Row], cache: KVCache, logits: torch.Tensor) -> None:
+        """Sample, append, stop, drop finished rows, step the model; until every row is done."""
+        live = list(range(len(batch)))  # cache row k holds batch[live[k]]
+        params = self._row_tensors(batch)
+        positions = torch.tensor([len(row.prompt) for row in batch], dtype=torch.long)
+        step = 0
+        while True:
+            temperature, top_k, top_p, uniforms = params
+            tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, uniforms[:, step])
+            tokens, logprobs = self._sync_tensor_parallel(tokens, logprobs)
+            for k, index in enumerate(live):
+                if batch[index].finish_reason is None:
+                    self._append(batch[index], int(tokens[k]), float(logprobs[k]))
+            alive = [k for k, index in enumerate(live) if batch[index].finish_reason is None]
+            if not alive:
+                return
+            if len(live) - len(alive) >= max(1.0, COMPACT_FRACTION * len(live)):
+                keep = torch.tensor(alive, dtype=torch.long)
+                cache, tokens, positions = cache.take_rows(keep), tokens[keep], positions[keep]
+                params = tuple(t[keep] for t in params)
+                live = [live[k] for k in alive]
+            step += 1
+            ones = torch.ones(len(live), 1, dtype=torch.bool)
+            logits = self.runner.forward(tokens[:, None], positions[:, None], ones, cache)
+            positions = positions + 1
+            self._stats["decode_steps"] += 1
+            self._stats["decode_row_steps"] += len(live)
+
+    def _row_tensors(self, batch: list[_Row]) -> tuple[torch.Tensor, ...]:
+        """Per-row temperature, top_k, top_p and the row's uniforms for every step."""
+        steps = max(row.max_new_tokens for row in batch)
+        uniforms = torch.zeros(len(batch), steps, dtype=torch.float64)
+        for k, row in enumerate(batch):
+            if not row.params.greedy:
+                gen = torch.Generator().manual_seed(row.seed)
+                uniforms[k, : row.max_new_tokens] = torch.rand(row.max_new_tokens, generator=gen,
+                                                               dtype=torch.float64)
+        temperature = torch.tensor([row.params.temperature for row in batch], dtype=torch.float32)
+        top_k = torch.tensor([row.params.top_k for row in batch], dtype=torch.long)
+        top_p = torch.tensor([row.params.top_p for row in batch], dtype=torch.float32)
+        return temperature, top_k, top_p, uniforms
+
+    def _sync_tensor_parallel(self, tokens: torch.Tensor, logprobs: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every TP rank continues with TP rank 0's tokens (bitwise-equal logits are not promised)."""
+        if self.runner.tp_size == 1:
+            return tokens, logprobs
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        packed = torch.stack([tokens.double(), logprobs.double()])
+        dist.broadcast(packed, src=ps.get_tensor_model_parallel_src_rank(),
+                       group=ps.get_tensor_model_parallel_group())
+        return packed[0].long(), packed[1].float()
+
+    # -- stopping and text --------------------------------------------------------------------
+
+    def _append(self, row: _Row, token: int, logprob: float) -> None:
+        row.token_ids.append(token)
+        row.logprobs.append(logprob)
+        self._stats["decode_tokens"] += 1
+        if token in self.eos_token_ids:
+            row.finish_reason = "eos"
+        elif token in row.params.stop_token_ids:
+            row.finish_reason = "stop"
+        elif row.params.stop_strings and self._ends_with_stop_string(row):
+            row.finish_reason = "stop"
+        elif len(row.token_ids) >= row.max_new_tokens:
+            row.finish_reason = "length"
+
+    def _ends_with_stop_string(self, row: _Row) -> bool:
+        """Decode only the tail: a stop string completed by this token lies within it."""
+        window = max(len(s) for s in row.params.stop_strings) + STOP_WINDOW_EXTRA_TOKENS
+        tail = self.tokenizer.decode(row.token_ids[-window:])
+        return any(s in tail for s in row.params.stop_strings)
+
+    def _to_sample(self, row: _Row) -> Sample:
+        assert row.finish_reason is not None
+        sample = Sample(list(row.token_ids), list(row.logprobs), row.finish_reason)
+        if self.tokenizer is not None:
+            sample.text = self.decode_text(row.token_ids, row.finish_reason, row.params)
+        return sample
+
+    def decode_text(self, token_ids: Sequence[int], finish_reason: FinishReason,
+                    params: SamplingParams) -> str:
+        """The sample's text: without a final EOS / stop token, cut before the first stop string."""
+        ids = list(token_ids)
+        if ids and finish_reason in ("eos", "stop") and (
+            ids[-1] in self.eos_token_ids or ids[-1] in params.stop_token_ids
+        ):
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids)
+        cuts = [text.find(s) for s in params.stop_strings if s in text]
+        return text[: min(cuts)] if cuts else text

@@ -1,0 +1,321 @@
+"""MegatronEngine: KV-cache decoding equals full recompute; sampling, reuse and stopping semantics.
+
+The tiny random model (configs/tiny.yaml, dropout 0, eval mode) is the reference for exactness:
+every greedy continuation is checked against an argmax loop that reruns the model's own forward
+on the whole sequence at each step. The SmolLM2 test checks the real model against transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+import megatron_selfreward.generation.megatron_engine as engine_mod
+from megatron_selfreward.config import load_config
+from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams, sample_seed
+from megatron_selfreward.generation.megatron_engine import MegatronEngine, sample_tokens
+from megatron_selfreward.megatron.model import build_model
+from megatron_selfreward.megatron.parallel import single_process_world
+from tests.conftest import CONFIGS
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Iterator[tuple]:
+    # A larger init spreads the logits, so greedy choices are not near-ties between recompute
+    # and cached paths (differences are ~1e-7).
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.init_std=0.1"])
+    with single_process_world():
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        yield cfg, model
+
+
+def prompts_with_shared_head(lengths: list[int], head: int = 12, seed: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    shared = torch.randint(0, VOCAB, (head,), generator=gen).tolist()
+    return [shared + torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def recompute_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """Argmax loop without a cache: the model's own forward over the whole sequence each step."""
+    tokens, logprobs = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(steps):
+            ids = torch.tensor([tokens])
+            logits = model(ids, torch.arange(len(tokens))[None], attention_mask=None)[0, -1, :VOCAB]
+            token = int(logits.argmax())
+            logprobs.append(float(torch.log_softmax(logits.float(), -1)[token]))
+            tokens.append(token)
+    return tokens[len(prompt):], logprobs
+
+
+def greedy(max_new: int = 10, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_new_tokens=max_new, **kw)
+
+
+def requests_for(prompts: list[list[int]], params: SamplingParams) -> list[GenerationRequest]:
+    return [GenerationRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("path", ["direct", "modules"])
+def test_greedy_equals_full_recompute(tiny, path: str) -> None:
+    cfg, model = tiny
+    prompts = prompts_with_shared_head([3, 9, 1, 14]) + [torch.arange(5, 12).tolist()]
+    engine = MegatronEngine(model, cfg)
+    assert engine.runner.direct is not None, "the tiny model is plain Llama: direct path"
+    if path == "modules":
+        engine.runner.direct = None  # run every layer through its Megatron modules
+    results = engine.generate(requests_for(prompts, greedy(10)))
+    for prompt, result in zip(prompts, results):
+        expected, expected_lp = recompute_greedy(model, prompt, 10)
+        (sample,) = result.samples
+        assert sample.token_ids == expected
+        assert sample.finish_reason == "length"
+        assert max(abs(a - b) for a, b in zip(sample.logprobs, expected_lp)) < 1e-4
+
+
+def test_results_in_input_order_across_micro_batches(tiny) -> None:
+    cfg, model = tiny
+    prompts = prompts_with_shared_head([7, 2, 5, 4, 6, 3, 1], seed=3)
+    engine = MegatronEngine(model, cfg, max_batch_size=3)
+    results = engine.generate(requests_for(prompts, greedy(4)))
+    assert [r.request_id for r in results] == [f"r{i}" for i in range(len(prompts))]
+    assert engine.stats["micro_batches"] == 3
+    for prompt, result in zip(prompts, results):
+        assert result.samples[0].token_ids == recompute_greedy(model, prompt, 4)[0]
+
+
+def test_prefix_reuse_changes_nothing_but_work(tiny) -> None:
+    cfg, model = tiny
+    prompts = prompts_with_shared_head([4, 8, 2, 6], head=40, seed=4)  # a judge-style batch
+    params = dataclasses.replace(greedy(8), n=2)
+    outputs, stats = {}, {}
+    for reuse in (True, False):
+        engine = MegatronEngine(model, cfg, prefix_reuse=reuse)
+        outputs[reuse] = engine.generate(requests_for(prompts, params))
+        stats[reuse] = engine.stats
+    for with_reuse, without in zip(outputs[True], outputs[False]):
+        for a, b in zip(with_reuse.samples, without.samples):
+            assert a.token_ids == b.token_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+    requested = sum(len(p) for p in prompts) * 2
+    assert stats[True]["prefill_tokens_requested"] == stats[False]["prefill_tokens_requested"] == requested
+    # n samples share one prefill either way; the shared 40-token head is computed once with reuse.
+    assert stats[False]["prefill_tokens_computed"] == sum(len(p) for p in prompts)
+    assert stats[True]["prefill_tokens_computed"] == 40 + sum(len(p) - 40 for p in prompts)
+    assert stats[True]["prefill_saved_fraction"] > 0.8
+
+
+def sampled(n: int = 3, seed: int | None = 7, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.9, top_p=0.9, top_k=40, max_new_tokens=8, n=n, seed=seed, **kw)
+
+
+def test_seeded_samples_reproduce_across_calls_and_batches(tiny) -> None:
+    cfg, model = tiny
+    target, *others = prompts_with_shared_head([5, 3, 9, 2], seed=5)
+    engine = MegatronEngine(model, cfg)
+    alone = engine.generate([GenerationRequest("t", target, sampled())])[0]
+    again = engine.generate([GenerationRequest("t", target, sampled())])[0]
+    mixed_requests = requests_for(others, sampled(n=2, seed=99))
+    mixed_requests.insert(1, GenerationRequest("t", target, sampled()))
+    small_batches = MegatronEngine(model, cfg, max_batch_size=2)
+    mixed = small_batches.generate(mixed_requests)[1]
+    tokens = [s.token_ids for s in alone.samples]
+    assert tokens == [s.token_ids for s in again.samples] == [s.token_ids for s in mixed.samples]
+    assert len({tuple(t) for t in tokens}) > 1, "the n samples of a request must differ"
+    other_seed = engine.generate([GenerationRequest("t", target, sampled(seed=8))])[0]
+    assert [s.token_ids for s in other_seed.samples] != tokens
+    # Unseeded: derived from the engine seed and request id, hence stable too.
+    unseeded = [engine.generate([GenerationRequest("u", target, sampled(seed=None))])[0] for _ in range(2)]
+    assert unseeded[0].samples == unseeded[1].samples
+
+
+def test_top_k_one_equals_greedy(tiny) -> None:
+    cfg, model = tiny
+    prompts = prompts_with_shared_head([2, 6, 4], seed=6)
+    engine = MegatronEngine(model, cfg)
+    top1 = engine.generate(requests_for(prompts, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=6, n=2, seed=1)))
+    argmax = engine.generate(requests_for(prompts, greedy(6)))
+    for a, b in zip(top1, argmax):
+        assert all(s.token_ids == b.samples[0].token_ids for s in a.samples)
+
+
+def test_logprobs_are_under_the_unmodified_distribution(tiny) -> None:
+    cfg, model = tiny
+    (prompt,) = prompts_with_shared_head([5], seed=7)
+    engine = MegatronEngine(model, cfg)
+    (sample,) = engine.generate([GenerationRequest("a", prompt, sampled(n=1, seed=3))])[0].samples
+    tokens = list(prompt)
+    with torch.inference_mode():
+        for token, logprob in zip(sample.token_ids, sample.logprobs):
+            logits = model(torch.tensor([tokens]), torch.arange(len(tokens))[None], attention_mask=None)
+            assert abs(float(torch.log_softmax(logits[0, -1].float(), -1)[token]) - logprob) < 1e-4
+            tokens.append(token)
+
+
+class CharTokenizer:
+    """Renders token t as '<t>': stop strings then align with token boundaries by design."""
+
+    eos_token_id = None
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+def test_finish_reasons_eos_stop_and_length(tiny) -> None:
+    cfg, model = tiny
+    (prompt,) = prompts_with_shared_head([6], seed=8)
+    ref = recompute_greedy(model, prompt, 6)[0]
+    plain = MegatronEngine(model, cfg, tokenizer=CharTokenizer())
+    (length,) = plain.generate([GenerationRequest("a", prompt, greedy(5))])[0].samples
+    assert (length.finish_reason, length.token_ids) == ("length", ref[:5])
+    assert length.text == "".join(f"<{t}>" for t in ref[:5])
+
+    eos_engine = MegatronEngine(model, cfg, tokenizer=CharTokenizer(), eos_token_ids=[ref[2]])
+    (eos,) = eos_engine.generate([GenerationRequest("a", prompt, greedy(6))])[0].samples
+    cut = ref.index(ref[2]) + 1
+    assert (eos.finish_reason, eos.token_ids) == ("eos", ref[:cut])
+    assert eos.text == "".join(f"<{t}>" for t in ref[: cut - 1]) and len(eos.logprobs) == cut
+
+    (stop_id,) = plain.generate([GenerationRequest("a", prompt, greedy(6, stop_token_ids=[ref[3]]))])[0].samples
+    cut = ref.index(ref[3]) + 1
+    assert (stop_id.finish_reason, stop_id.token_ids) == ("stop", ref[:cut])
+
+    # A stop string spanning two tokens: generation ends on the token that completes it and
+    # the text is cut before its first character.
+    stop = f"{ref[1]}><{ref[2]}"
+    (stop_str,) = plain.generate([GenerationRequest("a", prompt, greedy(6, stop_strings=[stop]))])[0].samples
+    full = "".join(f"<{t}>" for t in ref)
+    assert stop_str.finish_reason == "stop" and stop_str.token_ids == ref[:3]
+    assert stop_str.text == full[: full.index(stop)]
+
+
+def test_stop_strings_need_a_tokenizer_and_long_prompts_fail_clearly(tiny) -> None:
+    cfg, model = tiny
+    engine = MegatronEngine(model, cfg)
+    with pytest.raises(ValueError, match="stop_strings need a tokenizer"):
+        engine.generate([GenerationRequest("a", [1, 2], greedy(2, stop_strings=["x"]))])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        engine.generate([GenerationRequest("a", [1] * cfg.model.max_seq_len, greedy(2))])
+    # Generation stops at the context length instead of failing.
+    (sample,) = engine.generate([GenerationRequest("a", [1] * (cfg.model.max_seq_len - 3), greedy(10))])[0].samples
+    assert (len(sample.token_ids), sample.finish_reason) == (3, "length")
+
+
+def test_padded_vocab_rows_are_never_sampled(tiny) -> None:
+    cfg, model = tiny
+    real = 500  # pretend rows 500..511 are TP padding
+    engine = MegatronEngine(model, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=real)))
+    weight = model.output_layer.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[real:] = 50.0 * weight.detach().abs().max()  # padding rows would win every argmax
+    try:
+        prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+        for params in (greedy(6), sampled(n=4, seed=2), SamplingParams(temperature=1.0, max_new_tokens=6, n=4, seed=1)):
+            for result in engine.generate(requests_for(prompts, params)):
+                assert all(t < real for s in result.samples for t in s.token_ids)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def test_bfloat16_copy_and_load_weights_refresh(tiny) -> None:
+    cfg, model = tiny
+    prompts = prompts_with_shared_head([4, 7], seed=10)
+    engine = MegatronEngine(model, cfg, dtype="bfloat16")
+    first = engine.generate(requests_for(prompts, greedy(6)))
+    assert all(len(r.samples[0].token_ids) == 6 for r in first)
+    weight = model.decoder.layers[0].mlp.linear_fc2.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(-3.0)
+    try:
+        stale = engine.generate(requests_for(prompts, greedy(6)))
+        assert [r.samples for r in stale] == [r.samples for r in first], "bf16 copy is a snapshot"
+        engine.load_weights(model)
+        fresh = engine.generate(requests_for(prompts, greedy(6)))
+        assert [r.samples for r in fresh] != [r.samples for r in first]
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler on its own
+
+
+def test_top_p_keeps_the_smallest_head_reaching_p() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()[None].expand(200, -1).contiguous()
+    uniform = torch.linspace(0, 0.999, 200, dtype=torch.float64)
+    ones = torch.ones(200)
+    for top_p, allowed in ((0.7, {0, 1}), (0.45, {0}), (0.83, {0, 1, 2}), (1.0, {0, 1, 2, 3})):
+        tokens, logprobs = sample_tokens(logits, ones, torch.zeros(200, dtype=torch.long),
+                                         torch.full((200,), top_p), uniform)
+        assert set(tokens.tolist()) == allowed
+        torch.testing.assert_close(logprobs, probs.log()[tokens])  # unmodified distribution
+    # top-k=3 renormalises to 0.526/0.316/0.158 before top-p: token 2 now starts past 0.83.
+    tokens, _ = sample_tokens(logits, ones, torch.full((200,), 3), torch.full((200,), 0.83), uniform)
+    assert set(tokens.tolist()) == {0, 1}
+
+
+def test_head_sampling_equals_full_sort(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(0)
+    rows = 64
+    peaked = torch.randn(rows, 2000, generator=gen) * torch.linspace(0.5, 8, rows)[:, None]
+    temperature = torch.rand(rows, generator=gen) + 0.3
+    top_k = torch.tensor([0, 5, 300, 2000] * (rows // 4))
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.95] * (rows // 4))
+    uniform = torch.rand(rows, generator=gen, dtype=torch.float64)
+    fast, _ = sample_tokens(peaked, temperature, top_k, top_p, uniform)
+    monkeypatch.setattr(engine_mod, "SAMPLING_HEAD_TOKENS", 10**9)
+    full, _ = sample_tokens(peaked, temperature, top_k, top_p, uniform)
+    assert torch.equal(fast, full)
+
+
+def test_sample_seeds_are_stable_and_distinct() -> None:
+    assert sample_seed(5, 0, engine_seed=1, request_id="a") == sample_seed(5, 0, engine_seed=2, request_id="b")
+    assert sample_seed(5, 0, engine_seed=1, request_id="a") != sample_seed(5, 1, engine_seed=1, request_id="a")
+    assert sample_seed(None, 0, engine_seed=1, request_id="a") != sample_seed(None, 0, engine_seed=1, request_id="b")
+    assert 0 <= sample_seed(None, 3, engine_seed=1, request_id="x") < 2**63
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from megatron_selfreward.assets import smollm2_gguf_path
+    from megatron_selfreward.convert.gguf import import_gguf
+    from megatron_selfreward.convert.llama_map import load_hf_into_model
+
+    try:
+        gguf = smollm2_gguf_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    hf_dir = import_gguf(gguf, tmp_path / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    prompt = tokenizer("The capital of France is")["input_ids"]
+    with torch.inference_mode():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    cfg = load_config(CONFIGS / "smollm2_135m_cpu.yaml")
+    with single_process_world():
+        model = build_model(cfg)
+        load_hf_into_model(model, hf_dir, cfg)
+        engine = MegatronEngine(model, cfg, tokenizer=tokenizer, eos_token_ids=[])
+        (sample,) = engine.generate([GenerationRequest("paris", prompt, greedy(16))])[0].samples
+    assert sample.token_ids == expected
+    assert "Paris" in sample.text
+    assert all(math.isfinite(lp) and lp <= 0 for lp in sample.logprobs)
