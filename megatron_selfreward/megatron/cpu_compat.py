@@ -18,6 +18,8 @@ from torch.overrides import TorchFunctionMode
 
 _APPLIED = False
 CPU = torch.device("cpu")
+# Tests switch this off to show the `.type()` remap is still needed by megatron's optimizers.
+remap_tensor_type = True
 
 
 class _NoopStream:
@@ -89,7 +91,7 @@ class CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.cuda:
             # `.cuda()` means "the accelerator": on CPU the tensor is already where it belongs.
             return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and remap_tensor_type:
             name = func(*args)
             caller = sys._getframe(1).f_globals.get("__name__", "")
             # Only megatron's optimizer/clip-grad type checks see the CUDA name; our code never does.

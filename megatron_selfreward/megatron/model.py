@@ -52,7 +52,8 @@ def transformer_config(cfg: Config, *, for_meta: bool = False) -> Any:
     m, p, prec = cfg.model, cfg.parallel, cfg.precision
     dtype = torch_dtype(prec.params_dtype)
     on_gpu = torch.cuda.is_available()
-    fp8 = prec.fp8 or None
+    # Meta-device builds (parameter counting, planning) never run a GEMM: no TE needed.
+    fp8 = None if for_meta else (prec.fp8 or None)
     if fp8 and not transformer_engine_usable():
         raise RuntimeError(
             "precision.fp8 is set but Transformer Engine is not usable here (it needs CUDA and "

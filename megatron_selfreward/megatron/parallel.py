@@ -12,7 +12,6 @@ import contextlib
 import datetime
 import os
 import re
-import socket
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
@@ -51,12 +50,6 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -80,11 +73,28 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             master_port=int(env.get("MASTER_PORT", default_port)),
             launcher="slurm",
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
+    return DistEnv(0, 1, 0, "127.0.0.1", 0, "single")
 
 
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _init_process_group(env: DistEnv) -> None:
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(minutes=30)
+    if env.launcher == "single":
+        # No launcher: an in-process store, nothing listening on a port.
+        dist.init_process_group(backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    if env.launcher == "slurm":
+        # env:// reads these; under torchrun they are set already and connect to torchrun's own store.
+        os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
+                          RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
+                          LOCAL_RANK=str(env.local_rank))
+    dist.init_process_group(backend(), init_method="env://", rank=env.rank,
+                            world_size=env.world_size, timeout=timeout)
 
 
 def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None) -> DistEnv:
@@ -110,13 +120,7 @@ def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None) -> D
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend(),
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=30),
-        )
+        _init_process_group(env)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
@@ -135,13 +139,13 @@ def destroy_distributed() -> None:
 
 
 @contextlib.contextmanager
-def single_process_world(tensor_parallel_size: int = 1) -> Iterator[None]:
+def single_process_world(seed: int = 1234) -> Iterator[None]:
     """A 1-rank gloo world with megatron's parallel state, for building models in-process.
 
     Reuses an existing process group (and leaves it) if the caller already has one.
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state, tensor_parallel
 
     cpu_compat.apply()
     if parallel_state.model_parallel_is_initialized():
@@ -150,7 +154,8 @@ def single_process_world(tensor_parallel_size: int = 1) -> Iterator[None]:
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
     try:
         yield
     finally:

@@ -1,0 +1,60 @@
+"""Distributed start-up: launcher environments and the errors for impossible layouts."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_selfreward.config import ConfigError, load_config
+from megatron_selfreward.megatron.parallel import expand_nodelist, init_distributed, read_dist_env
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("localhost", ["localhost"]),
+        ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+        ("a[9-11],b1", ["a9", "a10", "a11", "b1"]),
+        ("rack1-n[008-010]", ["rack1-n008", "rack1-n009", "rack1-n010"]),
+    ],
+)
+def test_expand_slurm_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+def test_torchrun_environment():
+    env = read_dist_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                         "MASTER_ADDR": "node7", "MASTER_PORT": "29400"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (
+        3, 8, 1, "node7", 29400)
+    assert env.launcher == "torchrun"
+
+
+def test_slurm_environment_derives_master_from_nodelist_and_port_from_job():
+    env = read_dist_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                         "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (9, 16, 1, "gpu12")
+    assert env.master_port == 20000 + 4242 % 20000
+    assert env.launcher == "slurm"
+
+
+def test_no_launcher_is_a_single_process():
+    env = read_dist_env({})
+    assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+
+
+def test_world_not_divisible_by_model_parallel_is_an_error_naming_the_key():
+    cfg = load_config(None, ["parallel.tensor_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match="parallel.tensor_model_parallel_size"):
+        init_distributed(cfg, environ={"RANK": "0", "WORLD_SIZE": "3"})
+
+
+def test_world_size_in_config_must_match_launcher():
+    cfg = load_config(None, ["parallel.world_size=4"])
+    with pytest.raises(ConfigError, match="parallel.world_size"):
+        init_distributed(cfg, environ={"RANK": "0", "WORLD_SIZE": "2"})
+
+
+def test_batch_not_divisible_by_data_parallel_is_an_error():
+    cfg = load_config(None, ["sft.global_batch_size=6", "sft.micro_batch_size=2"])
+    with pytest.raises(ConfigError, match="sft.global_batch_size"):
+        init_distributed(cfg, environ={"RANK": "0", "WORLD_SIZE": "2"})
