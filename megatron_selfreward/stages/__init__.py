@@ -1,0 +1,1 @@
+"""Stages: functions over files. Each reads inputs, writes outputs atomically, then a manifest."""
