@@ -41,10 +41,13 @@ __all__ = [
     "fuse_qkv",
     "hf_config_from_model",
     "hf_names",
+    "hf_tensor_shapes",
     "hf_to_megatron",
+    "hf_to_megatron_tensor",
     "load_hf_into_model",
     "megatron_names",
     "megatron_to_hf",
+    "megatron_to_hf_tensor",
     "model_config_from_hf",
     "shard_for_tp",
     "split_qkv",
@@ -243,20 +246,30 @@ def megatron_names(
     return names
 
 
-def hf_names(cfg: Config | ModelConfig) -> list[str]:
-    """HF tensor names, in the order transformers writes them."""
+def hf_tensor_shapes(cfg: Config | ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor names and shapes, in the order transformers writes them."""
     m = _model_cfg(cfg)
-    names = ["model.embed_tokens.weight"]
+    h, head_dim = m.hidden_size, m.hidden_size // m.num_attention_heads
+    q_rows, kv_rows = m.num_attention_heads * head_dim, m.num_query_groups * head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (m.vocab_size, h)}
     for i in range(m.num_layers):
         p = f"model.layers.{i}."
-        names += [p + n for n in (
-            "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-            "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
-    names.append("model.norm.weight")
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "self_attn.q_proj.weight": (q_rows, h),
+            p + "self_attn.k_proj.weight": (kv_rows, h), p + "self_attn.v_proj.weight": (kv_rows, h),
+            p + "self_attn.o_proj.weight": (h, q_rows), p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (m.ffn_hidden_size, h),
+            p + "mlp.up_proj.weight": (m.ffn_hidden_size, h),
+            p + "mlp.down_proj.weight": (h, m.ffn_hidden_size),
+        })
+    shapes["model.norm.weight"] = (h,)
     if not m.tie_embeddings:
-        names.append("lm_head.weight")
-    return names
+        shapes["lm_head.weight"] = (m.vocab_size, h)
+    return shapes
+
+
+def hf_names(cfg: Config | ModelConfig) -> list[str]:
+    return list(hf_tensor_shapes(cfg))
 
 
 _MEGATRON_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")

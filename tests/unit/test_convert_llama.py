@@ -19,17 +19,23 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_selfreward.config import load_config  # noqa: E402
 from megatron_selfreward.convert.hf_checkpoint import HFCheckpointError, HFWeights  # noqa: E402
+from megatron_selfreward.convert.hf_megatron import (  # noqa: E402
+    convert_hf_to_megatron,
+    convert_megatron_to_hf,
+)
 from megatron_selfreward.convert.llama_map import (  # noqa: E402
     UnsupportedModelError,
     config_from_hf,
     fuse_qkv,
     hf_config_from_model,
     hf_to_megatron,
+    hf_to_megatron_tensor,
     load_hf_into_model,
     megatron_to_hf,
     shard_for_tp,
     split_qkv,
 )
+from megatron_selfreward.megatron.checkpoint import load_model  # noqa: E402
 from megatron_selfreward.megatron.model import build_model  # noqa: E402
 from megatron_selfreward.megatron.parallel import single_process_world  # noqa: E402
 
@@ -166,3 +172,169 @@ def test_truncated_safetensors_is_named(hf_dir, tmp_path):
     weights.write_bytes(b"\x05\x00")
     with pytest.raises(HFCheckpointError, match=r"model\.safetensors: truncated or corrupt"):
         HFWeights(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-directory conversion: HF -> Megatron distributed checkpoint -> HF
+
+
+def read_tensors(hf: Path) -> dict[str, torch.Tensor]:
+    weights = HFWeights(hf)
+    return {name: weights.get(name) for name in weights.specs}
+
+
+def test_round_trip_is_bit_exact_and_checkpoint_logits_match(hf_dir, tokens, tmp_path):
+    megatron_dir = convert_hf_to_megatron(hf_dir, tmp_path / "megatron")
+    back = convert_megatron_to_hf(megatron_dir, tmp_path / "hf")
+    original, returned = read_tensors(hf_dir), read_tensors(back)
+    assert original.keys() == returned.keys()
+    assert all(torch.equal(original[k], returned[k]) for k in original)
+    assert json.loads((back / "config.json").read_text()) == json.loads((hf_dir / "config.json").read_text())
+    assert (back / "tokenizer_config.json").read_text() == (hf_dir / "tokenizer_config.json").read_text()
+    cfg = load_config(megatron_dir / "model_config.yaml")
+    with single_process_world():
+        model = build_model(cfg)
+        load_model(model, megatron_dir)
+        torch.testing.assert_close(megatron_logits(model, tokens), hf_logits(hf_dir, tokens), atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def sharded_bf16(tmp_path_factory) -> Path:
+    """bf16 weights in 4 shards with an index, as transformers writes large models."""
+    root = tmp_path_factory.mktemp("sharded")
+    model = transformers.LlamaForCausalLM.from_pretrained(make_hf_dir(root / "fp32", tied=False),
+                                                          dtype=torch.bfloat16)
+    model.save_pretrained(root / "model", max_shard_size="100KB")
+    shutil.copy(root / "fp32" / "tokenizer_config.json", root / "model")
+    assert (root / "model" / "model.safetensors.index.json").is_file()
+    return root / "model"
+
+
+def test_sharded_bf16_round_trip_and_sharded_output(sharded_bf16, tmp_path):
+    megatron_dir = convert_hf_to_megatron(sharded_bf16, tmp_path / "megatron")
+    back = convert_megatron_to_hf(megatron_dir, tmp_path / "hf", max_shard_bytes=100_000)
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    original, returned = read_tensors(sharded_bf16), read_tensors(back)
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, returned[k]) for k, v in original.items())
+    assert json.loads((back / "config.json").read_text()) == json.loads((sharded_bf16 / "config.json").read_text())
+    # A bf16 checkpoint loads into an fp32 model (upcast on load) and exports as fp32 on request.
+    cfg = load_config(megatron_dir / "model_config.yaml")
+    with single_process_world():
+        model = build_model(cfg)
+        load_model(model, megatron_dir)
+        assert torch.equal(model.embedding.word_embeddings.weight, original["model.embed_tokens.weight"].float())
+    as_fp32 = convert_megatron_to_hf(megatron_dir, tmp_path / "fp32", dtype="float32")
+    assert json.loads((as_fp32 / "config.json").read_text())["dtype"] == "float32"
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(as_fp32)
+    assert reloaded.model.layers[1].mlp.up_proj.weight.dtype == torch.float32
+
+
+def assert_no_output(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "staging debris"
+
+
+def broken_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_shard_fails_naming_it(sharded_bf16, tmp_path):
+    bad = broken_copy(sharded_bf16, tmp_path / "bad")
+    shard = bad / "model-00002-of-00004.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(HFCheckpointError, match=r"model-00002-of-00004\.safetensors: truncated"):
+        convert_hf_to_megatron(bad, tmp_path / "out")
+    assert_no_output(tmp_path / "out")
+
+
+def test_missing_shard_fails_naming_it(sharded_bf16, tmp_path):
+    bad = broken_copy(sharded_bf16, tmp_path / "bad")
+    (bad / "model-00003-of-00004.safetensors").unlink()
+    with pytest.raises(HFCheckpointError, match=r"model-00003-of-00004\.safetensors: missing shard"):
+        convert_hf_to_megatron(bad, tmp_path / "out")
+    assert_no_output(tmp_path / "out")
+
+
+def test_missing_tensor_fails_naming_it(hf_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    bad = broken_copy(hf_dir, tmp_path / "bad")
+    tensors = read_tensors(bad)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(HFCheckpointError, match=r"bad: tensor 'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
+        convert_hf_to_megatron(bad, tmp_path / "out")
+    assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"architectures": ["Qwen2ForCausalLM"]}, "architecture .*Qwen2ForCausalLM"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+     "RoPE scaling of type 'llama3'"),
+])
+def test_unsupported_model_fails_naming_config(hf_dir, tmp_path, change, message):
+    bad = broken_copy(hf_dir, tmp_path / "bad")
+    config = {**json.loads((bad / "config.json").read_text()), **change}
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=rf"bad/config\.json: {message}"):
+        convert_hf_to_megatron(bad, tmp_path / "out")
+    assert_no_output(tmp_path / "out")
+
+
+def test_failure_while_writing_leaves_nothing(hf_dir, tmp_path, monkeypatch):
+    from megatron_selfreward.convert import hf_megatron
+
+    calls = []
+
+    def failing(get_tensor, cfg, name):
+        calls.append(name)
+        if len(calls) == 5:
+            raise OSError("disk full (simulated)")
+        return hf_to_megatron_tensor(get_tensor, cfg, name)
+
+    monkeypatch.setattr(hf_megatron, "hf_to_megatron_tensor", failing)
+    with pytest.raises(Exception, match="disk full"):
+        convert_hf_to_megatron(hf_dir, tmp_path / "out")
+    assert_no_output(tmp_path / "out")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError):
+        convert_hf_to_megatron(hf_dir, tmp_path / "exists")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line tools and the TensorRT-LLM export (the engine build itself cannot run here)
+
+
+def load_tool(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_tools_and_trtllm_export(hf_dir, tmp_path, capsys):
+    from megatron_selfreward.convert.trtllm_export import export_for_trtllm, trtllm_build_commands
+
+    to_megatron, to_hf = load_tool("convert_hf_to_megatron"), load_tool("convert_megatron_to_hf")
+    assert to_megatron.main(["--hf", str(hf_dir), "--out", str(tmp_path / "m")]) == 0
+    assert to_megatron.main(["--hf", str(hf_dir), "--out", str(tmp_path / "m")]) == 1  # exists
+    assert "already exists" in capsys.readouterr().err
+    assert to_hf.main(["--ckpt", str(tmp_path / "m"), "--out", str(tmp_path / "h"), "--dtype", "bfloat16"]) == 0
+    assert HFWeights(tmp_path / "h").spec("model.norm.weight").dtype == torch.bfloat16
+
+    cfg = load_config(tmp_path / "m" / "model_config.yaml",
+                      ["generation.max_new_tokens=64", "judge.max_new_tokens=96"])
+    spec = export_for_trtllm(cfg, tmp_path / "m", tmp_path / "trt_hf", tmp_path / "engine")
+    assert (spec.max_seq_len, spec.max_input_len, spec.tp_size, spec.dtype) == (256, 128, 1, "bfloat16")
+    assert json.loads((tmp_path / "trt_hf" / "trtllm_build.json").read_text())["max_input_len"] == 128
+    exported = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "trt_hf")
+    assert exported.dtype == torch.bfloat16
+    convert, build = trtllm_build_commands(spec, "convert_checkpoint.py", str(tmp_path / "work"))
+    assert convert[convert.index("--tp_size") + 1] == "1" and build[0] == "trtllm-build"
+    assert build[build.index("--max_seq_len") + 1] == "256"
