@@ -37,6 +37,7 @@ from megatron_selfreward.megatron.model import padded_vocab_size
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "UnsupportedModelError",
+    "check_same_architecture",
     "config_from_hf",
     "fuse_qkv",
     "hf_config_from_model",
@@ -388,13 +389,17 @@ def _local_name(name: str, first_layer: int) -> str:
     return f"decoder.layers.{int(match.group(1)) - first_layer}.{match.group(2)}"
 
 
-def _check_same_architecture(cfg: Config, hf_config: dict[str, Any], where: str) -> None:
+def check_same_architecture(cfg: Config, hf_config: dict[str, Any], where: str) -> None:
+    """Raise (naming `where`) unless `cfg.model` describes the HF checkpoint (max_seq_len may differ)."""
     wanted = config_from_hf(hf_config, where)
     have = dataclasses.asdict(cfg.model)
     wrong = {k: (have[k], v) for k, v in wanted.items() if have[k] != v and k != "max_seq_len"}
     if wrong:
         detail = ", ".join(f"model.{k}={a!r} but the checkpoint has {b!r}" for k, (a, b) in wrong.items())
         raise ValueError(f"{where}: the config does not describe this checkpoint: {detail}")
+
+
+_check_same_architecture = check_same_architecture  # the name stages/import_model.py first used
 
 
 def load_hf_into_model(model: Any, hf_dir: str | os.PathLike[str], cfg: Config) -> None:
@@ -404,7 +409,7 @@ def load_hf_into_model(model: Any, hf_dir: str | os.PathLike[str], cfg: Config) 
     from megatron_selfreward.convert.hf_checkpoint import HFWeights, read_hf_config
     from megatron_selfreward.megatron.checkpoint import unwrap
 
-    _check_same_architecture(cfg, read_hf_config(hf_dir), f"{hf_dir}/config.json")
+    check_same_architecture(cfg, read_hf_config(hf_dir), f"{hf_dir}/config.json")
     weights = HFWeights(hf_dir)
     inner = unwrap(model)
     numbers = [layer.layer_number - 1 for layer in inner.decoder.layers]  # global, 0-based
