@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 from megatron_selfreward.config import Config, ConfigError
+from megatron_selfreward.convert.hf_checkpoint import read_hf_config
+from megatron_selfreward.convert.llama_map import check_same_architecture
 from megatron_selfreward.stages.manifest import fingerprint, is_done, write_manifest
 
 
@@ -42,19 +44,6 @@ def _save_random(cfg: Config, directory: Path) -> None:
         save_model(build_model(cfg), directory)
 
 
-def _check_matches_config(cfg: Config, hf_dir: Path) -> None:
-    import json
-
-    from megatron_selfreward.convert.llama_map import config_from_hf
-
-    found = config_from_hf(json.loads((hf_dir / "config.json").read_text()), str(hf_dir / "config.json"))
-    wrong = {k: (getattr(cfg.model, k), v) for k, v in found.items()
-             if hasattr(cfg.model, k) and getattr(cfg.model, k) != v}
-    if wrong:
-        lines = ", ".join(f"model.{k}: config {a!r} vs checkpoint {b!r}" for k, (a, b) in wrong.items())
-        raise ConfigError(f"the model at {hf_dir} does not match the config ({lines})")
-
-
 def run_import_model(cfg: Config, run_dir: Path) -> Path:
     out = run_dir / "models" / "M0"
     m = cfg.model
@@ -76,6 +65,7 @@ def run_import_model(cfg: Config, run_dir: Path) -> Path:
     else:
         _save_random(cfg, out / "megatron")
     if (out / "hf" / "config.json").is_file():
-        _check_matches_config(cfg, out / "hf")
+        # Fail here, not at the first model load, when the config describes another model.
+        check_same_architecture(cfg, read_hf_config(out / "hf"), f"{out / 'hf'}/config.json")
     write_manifest(out, "import_model", fp, {"source": m.source}, started)
     return out
