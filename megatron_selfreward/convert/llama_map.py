@@ -399,7 +399,6 @@ def check_same_architecture(cfg: Config, hf_config: dict[str, Any], where: str) 
         raise ValueError(f"{where}: the config does not describe this checkpoint: {detail}")
 
 
-_check_same_architecture = check_same_architecture  # the name stages/import_model.py first used
 
 
 def load_hf_into_model(model: Any, hf_dir: str | os.PathLike[str], cfg: Config) -> None:
