@@ -78,6 +78,10 @@ def _atomic_write(path: PathLike, write_body: Any) -> None:
     # Same directory as the target: os.replace is only atomic within one filesystem.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        # mkstemp creates 0600; outputs are shared on clusters, so use the umask like open() does.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as raw:
             write_body(raw)
             raw.flush()
@@ -142,7 +146,7 @@ def _is_gz(path: PathLike) -> bool:
     return str(path).endswith(".gz")
 
 
-def _iter_numbered(path: PathLike) -> Iterator[tuple[int, dict]]:
+def iter_jsonl_numbered(path: PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (1-based line number, object) for each non-blank line."""
     opener = gzip.open if _is_gz(path) else open
     line_no = 0
@@ -176,7 +180,7 @@ def _parse_line(path: PathLike, line_no: int, raw: bytes) -> dict | None:
 
 def iter_jsonl(path: PathLike) -> Iterator[dict]:
     """Yield each JSON object; blank lines are skipped. Raises JsonlError."""
-    for _, obj in _iter_numbered(path):
+    for _, obj in iter_jsonl_numbered(path):
         yield obj
 
 
@@ -187,7 +191,7 @@ def read_jsonl(path: PathLike) -> list[dict]:
 
 def iter_records(path: PathLike, cls: type[T]) -> Iterator[T]:
     """Yield ``cls.from_dict`` of each line; errors name ``<path> line <n>``."""
-    for line_no, obj in _iter_numbered(path):
+    for line_no, obj in iter_jsonl_numbered(path):
         yield cls.from_dict(obj, where=f"{path} line {line_no}")
 
 

@@ -1,1 +1,1 @@
-"""convert"""
+"""Checkpoint conversion: GGUF -> HF, HF <-> Megatron distributed checkpoints, TensorRT-LLM export."""

@@ -38,9 +38,8 @@ from fractions import Fraction
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from megatron_selfreward.data.seed import normalize_instruction
-# _iter_numbered is io's (line number, object) stream; the line number is what lets a shape
-# error in a 1 GB export be located.
-from megatron_selfreward.io import JsonlError, PathLike, _iter_numbered
+# Line numbers let a shape error in a 1 GB export be located.
+from megatron_selfreward.io import JsonlError, PathLike, iter_jsonl_numbered
 from megatron_selfreward.judging.parse import parse_score
 from megatron_selfreward.judging.prompt import render_judge_prompt
 from megatron_selfreward.records import RankedPrompt, SFTExample
@@ -125,7 +124,7 @@ def iter_trees(path: PathLike) -> Iterator[dict]:
 
     Raises JsonlError naming the file and line for invalid JSON or a malformed first turn.
     """
-    for line_no, tree in _iter_numbered(path):
+    for line_no, tree in iter_jsonl_numbered(path):
         problem = _shape_problem(tree)
         if problem is not None:
             raise JsonlError(path, line_no, problem)

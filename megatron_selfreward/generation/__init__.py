@@ -1,1 +1,1 @@
-"""generation"""
+"""Generation engines behind one protocol: the in-process Megatron KV-cache engine, TensorRT-LLM."""

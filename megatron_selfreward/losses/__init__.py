@@ -1,1 +1,1 @@
-"""losses"""
+"""Training losses as small pure functions (DPO variants)."""

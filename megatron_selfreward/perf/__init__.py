@@ -1,1 +1,1 @@
-"""perf"""
+"""Throughput accounting and profiling."""
