@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -44,8 +43,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     from megatron_selfreward.pipeline.run import run
 
     summary = run(_load(args))
-    print(json.dumps(summary, indent=2))
+    print(format_summary(summary))
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    judge = summary["judge"]
+    failures = sum(judge["parse_failures"].values())
+    lines = [
+        "",
+        f"run directory      {summary['run_dir']}",
+        f"stages run         {', '.join(summary['stages_run'])}",
+        f"responses judged   {judge['responses']} ({judge['judge_samples']} judge samples)",
+        f"judge parse fails  {failures}/{judge['judge_samples']} {judge['parse_failures'] or ''}".rstrip(),
+        f"preference pairs   {summary['pairs']}",
+        f"wall time          {summary['wall_time_s']} s",
+    ]
+    if summary["pairs"] == 0:
+        lines.append("no usable pairs: the judge produced no distinct scores (an untrained M0 "
+                     "rarely ends with 'Score: x'; EFT training teaches it)")
+    return "\n".join(lines)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -104,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # megatron-core warns at import that TE/apex are absent; the README says what runs instead.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
+    # Deprecation notices from torch/megatron internals say nothing actionable to a user.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -69,6 +69,13 @@ def run_sample_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts
     return responses
 
 
+def _unjudged(response: Response) -> Judgement:
+    """A response whose judge prompt exceeds the context: counted as a failure, never scored."""
+    return Judgement(prompt_id=response.prompt_id, response_id=response.response_id,
+                     sample_scores=[None], raw_outputs=[""], failure_reasons=["prompt_too_long"],
+                     mean_score=None)
+
+
 def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_path: Path,
                         responses_path: Path, model_manifest: Path, out: Path) -> list[Judgement]:
     j = cfg.judge
@@ -93,9 +100,9 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
             too_long.append(r.response_id)
     samples = _texts(engine, requests)
     judgements = [
-        judgement_from_outputs(r.prompt_id, r.response_id,
-                               [s.text for s in samples.get(r.response_id, [])] or ["<too long to judge>"],
+        judgement_from_outputs(r.prompt_id, r.response_id, [s.text for s in samples[r.response_id]],
                                j.score_low, j.score_high)
+        if r.response_id in samples else _unjudged(r)
         for r in responses
     ]
     write_jsonl(out, judgements)
