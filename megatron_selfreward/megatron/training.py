@@ -89,6 +89,12 @@ def build_train_state(cfg: Config, opt: OptimConfig, total_steps: int, model: An
     tconf = model.config
     tconf.calculate_per_token_loss = True
     tconf.finalize_model_grads_func = finalize_model_grads
+    if tconf.bf16 or tconf.fp16:
+        from megatron.core.transformer.module import Float16Module
+
+        # As Megatron-LM does: half-precision params, fp32 loss out of the last stage; the
+        # optimizer keeps fp32 main params and grads are reduced in fp32 (grad_reduce_in_fp32).
+        model = Float16Module(tconf, model)
     chunks = [_ddp_wrap(cfg, model)]
     tconf.no_sync_func = chunks[0].no_sync
     tconf.grad_scale_func = None
@@ -120,27 +126,52 @@ def lm_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any
     per_token_loss = model(
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],
-        attention_mask=None,
+        # None = megatron's causal mask; packed batches bring a block-diagonal one.
+        attention_mask=batch.get("attention_mask"),
         labels=batch["labels"],
     )
     return per_token_loss, partial(_token_loss_sum, batch["loss_mask"])
 
 
-def reduce_loss_reports(reports: list[dict[str, torch.Tensor]], key: str = "lm_loss") -> float:
-    """Mean loss per token over a global batch, identical on every rank."""
+def reduce_report_sums(reports: list[dict[str, torch.Tensor]], key: str, width: int) -> torch.Tensor:
+    """Sum a `width`-vector report over micro-batches and DP ranks, identical on every rank."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    total = torch.zeros(2)
+    total = torch.zeros(width, dtype=torch.float64)
     for report in reports:
-        total += report[key].float()
+        total += report[key].double()
     if parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     # Only the last pipeline stage computes the loss; share it with the other stages.
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         last = parallel_state.get_pipeline_model_parallel_last_rank()
         dist.broadcast(total, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return total
+
+
+def reduce_loss_reports(reports: list[dict[str, torch.Tensor]], key: str = "lm_loss") -> float:
+    """Mean loss per token over a global batch, identical on every rank."""
+    total = reduce_report_sums(reports, key, 2)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def forward_only(
+    model: list[Any], micro_batches: list[dict[str, torch.Tensor]], forward_step: Callable
+) -> list[dict[str, torch.Tensor]]:
+    """Forward passes without gradients (e.g. reference log-probs); reports on the last stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    with torch.no_grad():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=model,
+            num_microbatches=len(micro_batches),
+            seq_length=micro_batches[0]["tokens"].shape[1],
+            micro_batch_size=micro_batches[0]["tokens"].shape[0],
+            forward_only=True,
+        )
 
 
 def forward_backward(

@@ -1,0 +1,224 @@
+"""SFT data: chat examples -> token ids with a target mask -> padded or packed micro-batches.
+
+A conversation is rendered in the model's chat format (`tokenizer.render_chat`) one turn at a
+time and each piece is tokenised on its own, so the prompt tokens are exactly what generation
+feeds the model (`render_chat(..., add_generation_prompt=True)` then `encode`). The loss covers
+the assistant turns only (their text and end-of-turn marker), never the prompt or the role
+headers.
+
+Over-long examples: the first `seq_len` tokens are kept (the prompt is kept whole and the
+response is cut); an example whose prompt alone fills `seq_len`, so that no target token is
+left, is dropped. Both are counted.
+
+Batches follow megatron's GPT layout: `tokens` and `labels` of the same length, labels[i] =
+tokens[i+1], `loss_mask` on labels. With packing, several examples share a row; a
+block-diagonal causal `attention_mask` keeps attention inside each example, and since RoPE
+depends only on relative positions inside the block, a packed example computes what it would
+alone (megatron's GPTModel derives RoPE angles from the row position, not from `position_ids`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from megatron_selfreward.records import SFTExample
+from megatron_selfreward.tokenizer import Message, Tokenizer, render_chat
+
+
+@dataclass(frozen=True)
+class TokenizedSample:
+    tokens: list[int]
+    targets: list[int]  # 1 where the token is a target (predicted from the tokens before it)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class LengthStats:
+    """What happened to over-long examples while preparing a data set."""
+
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    dropped_indices: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"kept": self.kept, "truncated": self.truncated, "dropped": self.dropped}
+
+
+def conversation_segments(messages: Sequence[Message], template: str) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_target) pieces, in order.
+
+    Each assistant turn is split into its header (the generation prompt: not a target) and its
+    body (content + end of turn: the target).
+    """
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for k, message in enumerate(messages):
+        bounds = []
+        if message["role"] == "assistant":
+            bounds.append((render_chat(messages[:k], template, add_generation_prompt=True), False))
+        bounds.append((render_chat(messages[: k + 1], template, add_generation_prompt=False),
+                       message["role"] == "assistant"))
+        for text, is_target in bounds:
+            if not text.startswith(done):
+                raise ValueError(f"chat template {template!r} does not render turns as prefixes")
+            if len(text) > len(done):
+                pieces.append((text[len(done):], is_target))
+            done = text
+    return pieces
+
+
+def tokenize_conversation(
+    messages: Sequence[Message], tokenizer: Tokenizer, template: str
+) -> TokenizedSample:
+    tokens: list[int] = []
+    targets: list[int] = []
+    for text, is_target in conversation_segments(messages, template):
+        ids = tokenizer.encode(text)
+        tokens += ids
+        targets += [int(is_target)] * len(ids)
+    return TokenizedSample(tokens, targets)
+
+
+def fit_to_length(sample: TokenizedSample, seq_len: int) -> tuple[TokenizedSample | None, bool]:
+    """(sample cut to `seq_len` tokens or None when no target token survives, was it cut)."""
+    if len(sample) <= seq_len:
+        return (sample if any(sample.targets) else None), False
+    cut = TokenizedSample(sample.tokens[:seq_len], sample.targets[:seq_len])
+    return (cut if any(cut.targets) else None), True
+
+
+def prepare_sft(
+    examples: Sequence[SFTExample], tokenizer: Tokenizer, template: str, seq_len: int
+) -> tuple[list[TokenizedSample], LengthStats]:
+    """Tokenise every example; truncate or drop over-long ones (counted in the stats)."""
+    stats = LengthStats()
+    out: list[TokenizedSample] = []
+    for i, example in enumerate(examples):
+        sample, cut = fit_to_length(tokenize_conversation(example.messages, tokenizer, template), seq_len)
+        if sample is None:
+            stats.dropped += 1
+            stats.dropped_indices.append(i)
+            continue
+        stats.kept += 1
+        stats.truncated += int(cut)
+        out.append(sample)
+    return out, stats
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _shifted(sample: TokenizedSample, pad_id: int) -> tuple[list[int], list[int]]:
+    """Labels and loss mask aligned with the tokens: position i predicts token i+1."""
+    labels = sample.tokens[1:] + [pad_id]
+    mask = sample.targets[1:] + [0]
+    return labels, mask
+
+
+def padded_batch(samples: Sequence[TokenizedSample], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows: causal attention alone keeps real tokens from seeing the padding."""
+    b = len(samples)
+    tokens = torch.full((b, length), pad_id, dtype=torch.long)
+    labels = torch.full((b, length), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, length), dtype=torch.float)
+    for row, sample in enumerate(samples):
+        n = len(sample)
+        lab, msk = _shifted(sample, pad_id)
+        tokens[row, :n] = torch.tensor(sample.tokens)
+        labels[row, :n] = torch.tensor(lab)
+        mask[row, :n] = torch.tensor(msk, dtype=torch.float)
+    positions = torch.arange(length).unsqueeze(0).expand(b, length).contiguous()
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "position_ids": positions}
+
+
+def pack_rows(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """First-fit packing of sample lengths into rows of at most `seq_len` tokens (indices)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(seq_len - n)
+    return rows
+
+
+def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] document ids -> [b, 1, s, s] bool mask, True where attention is NOT allowed."""
+    s = doc_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
+    return ~(same_doc & causal).unsqueeze(1)
+
+
+def packed_batch(
+    rows: Sequence[Sequence[TokenizedSample]], length: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Rows of several samples each, with per-document positions and a block-diagonal mask."""
+    b = len(rows)
+    batch = padded_batch([TokenizedSample([], [])] * b, length, pad_id)
+    doc_ids = torch.full((b, length), -1, dtype=torch.long)
+    positions = torch.zeros((b, length), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for d, sample in enumerate(row):
+            n = len(sample)
+            lab, msk = _shifted(sample, pad_id)
+            span = slice(start, start + n)
+            batch["tokens"][r, span] = torch.tensor(sample.tokens)
+            batch["labels"][r, span] = torch.tensor(lab)
+            batch["loss_mask"][r, span] = torch.tensor(msk, dtype=torch.float)
+            doc_ids[r, span] = d
+            positions[r, span] = torch.arange(n)
+            start += n
+        positions[r, start:] = torch.arange(length - start)  # padding: its own block, masked out
+    batch["position_ids"] = positions
+    batch["attention_mask"] = block_causal_mask(doc_ids)
+    return batch
+
+
+def sft_micro_batches(
+    samples: Sequence[TokenizedSample],
+    indices: Sequence[int],
+    *,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    pad_id: int,
+    seq_len: int,
+    packing: bool = False,
+    pad_multiple: int = 8,
+) -> list[dict[str, torch.Tensor]]:
+    """This data-parallel rank's micro-batches of one global batch (sample `indices`).
+
+    Every micro-batch of a step has the same length (the global batch's longest row, rounded up
+    to `pad_multiple`), as pipeline parallelism needs, and every DP rank derives it alike.
+    """
+    chosen = [samples[i] for i in indices]
+    if packing:
+        rows = [[chosen[i] for i in row] for row in pack_rows([len(s) for s in chosen], seq_len)]
+        per_rank = round_up(max(1, -(-len(rows) // dp_size)), micro_batch_size)
+        rows += [[]] * (per_rank * dp_size - len(rows))  # empty rows: no tokens, no loss
+        length = round_up(max(sum(len(s) for s in row) for row in rows), pad_multiple)
+        mine = rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        return [packed_batch(mine[i : i + micro_batch_size], length, pad_id)
+                for i in range(0, len(mine), micro_batch_size)]
+    if len(chosen) % (dp_size * micro_batch_size):
+        raise ValueError(f"global batch of {len(chosen)} is not divisible by "
+                         f"micro_batch_size {micro_batch_size} x data-parallel size {dp_size}")
+    length = round_up(max(len(s) for s in chosen), pad_multiple)
+    per_rank = len(chosen) // dp_size
+    mine = chosen[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    return [padded_batch(mine[i : i + micro_batch_size], length, pad_id)
+            for i in range(0, len(mine), micro_batch_size)]
