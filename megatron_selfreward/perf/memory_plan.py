@@ -268,7 +268,7 @@ def format_plan(cfg: Config, plans: list[Plan], gpu_mem_gib: float, headroom: fl
             f"{'y' if lay.distributed_optimizer else 'n':>2} | {gib[0]:7.1f}{gib[1]:7.1f}"
             f"{gib[2]:7.1f}{gib[3]:6.1f}{gib[4]:7.1f} | {gib[5]:6.1f}{gib[6]:9.1f} | "
             f"{gen:>9} | {plan.verdict}")
-    lines.append("act-rc/train-rc: full activation recomputation; gen: bf16 weights + KV cache "
+    lines.append("act-rc/train-rc: full activation recomputation; gen: weights + KV cache "
                  f"(batch {cfg.generation.batch_size} x {cfg.model.max_seq_len} tokens); "
                  "DO: distributed optimizer")
     return "\n".join(lines)
