@@ -77,11 +77,11 @@ class KVCache:
     real token; padding columns are never attended to.
     """
 
-    def __init__(self, rows: int, max_len: int, num_layers: int) -> None:
+    def __init__(self, rows: int, max_len: int, num_layers: int, device: torch.device) -> None:
         self.rows, self.max_len = rows, max_len
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.valid = torch.zeros(rows, max_len, dtype=torch.bool)
+        self.valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
         self.length = 0
 
     def write(
@@ -101,7 +101,7 @@ class KVCache:
 
     def take_rows(self, index: torch.Tensor) -> "KVCache":
         """A cache of rows `index` (repeats allowed), copying only the columns written so far."""
-        new = KVCache(len(index), self.max_len, len(self.keys))
+        new = KVCache(len(index), self.max_len, len(self.keys), self.valid.device)
         n = self.length
         for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
             if keys is None or values is None:
@@ -237,11 +237,12 @@ class MegatronRunner:
                 "only the direct (local-spec Llama) path supports; leave dtype unset"
             )
         self.output_weight = self._output_weight()
+        self.device = self.output_weight.device
         if self.direct is not None:
             self.final_norm_weight = self.final_norm.weight.detach().to(self.dtype)
             self.final_norm_eps = _norm_eps(self.final_norm)
         rope = self.model.rotary_pos_emb
-        self.inv_freq = rope.inv_freq.float().cpu()
+        self.inv_freq = rope.inv_freq.float().to(self.device)
         factor = rope.seq_len_interpolation_factor
         self.position_scale = 1.0 / factor if factor else 1.0
         self.softmax_scale = self.layers[0].self_attention.core_attention.softmax_scale
@@ -276,8 +277,8 @@ class MegatronRunner:
         output instead of NaN, which would otherwise leak through 0 * NaN into the cache.
         """
         length = start + steps
-        cols = torch.arange(length)
-        rows = torch.arange(start, length)
+        cols = torch.arange(length, device=valid.device)
+        rows = torch.arange(start, length, device=valid.device)
         causal = cols[None, :] <= rows[:, None]
         mask = causal[None] & valid[:, None, :length]
         mask |= (cols[None, :] == rows[:, None])[None]
@@ -387,7 +388,7 @@ def _sample_head(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     vocab = scaled.shape[-1]
     head, order = scaled.topk(width, dim=-1)  # sorted, largest first
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
-    head = head.masked_fill(torch.arange(width) >= k[:, None], -math.inf)
+    head = head.masked_fill(torch.arange(width, device=head.device) >= k[:, None], -math.inf)
     # Normalise over the top-k set (inside the head when k <= width), else over everything.
     log_norm = torch.where(k <= width, torch.logsumexp(head, dim=-1), torch.logsumexp(scaled, dim=-1))
     probs = (head - log_norm[:, None]).exp()
@@ -408,7 +409,7 @@ def _sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
                  top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """One token per row (all rows have temperature > 0): temperature, top-k, then top-p."""
     scaled = logits / temperature[:, None]
-    tokens = torch.empty(len(scaled), dtype=torch.long)
+    tokens = torch.empty(len(scaled), dtype=torch.long, device=scaled.device)
     plain = (top_k == 0) & (top_p >= 1.0)
     if bool(plain.any()):
         tokens[plain] = _sample_plain(scaled[plain], uniform[plain])
@@ -470,18 +471,18 @@ def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _right_aligned(prompts: Sequence[tuple[int, ...]], start: int, width: int
+def _right_aligned(prompts: Sequence[tuple[int, ...]], start: int, width: int, device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens, positions and validity [rows, width] of prompt[start:], padded on the left."""
     tokens = torch.zeros(len(prompts), width, dtype=torch.long)
     positions = torch.zeros(len(prompts), width, dtype=torch.long)
     valid = torch.zeros(len(prompts), width, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
-        suffix = prompt[start:]
+        suffix = prompt[start:start + width]
         tokens[row, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
-        positions[row, width - len(suffix):] = torch.arange(start, len(prompt))
+        positions[row, width - len(suffix):] = torch.arange(start, start + len(suffix))
         valid[row, width - len(suffix):] = True
-    return tokens, positions, valid
+    return tokens.to(device), positions.to(device), valid.to(device)
 
 
 _STAT_KEYS = (
@@ -643,16 +644,17 @@ class MegatronEngine(GenerationEngine):
         width = max(len(p) for p in prompts) - shared
         max_len = shared + width + max(row.max_new_tokens for row in batch)
         layers = len(self.runner.layers)
-        cache = KVCache(len(prompts), max_len, layers)
+        device = self.runner.device
+        cache = KVCache(len(prompts), max_len, layers, device)
         if shared:
-            prefix = KVCache(1, shared, layers)
-            tokens = torch.tensor([prompts[0][:shared]], dtype=torch.long)
-            self.runner.prefill(tokens, torch.arange(shared)[None], torch.ones_like(tokens, dtype=torch.bool), prefix)
+            prefix = KVCache(1, shared, layers, device)
+            tokens, positions, valid = _right_aligned(prompts[:1], 0, shared, device)
+            self.runner.prefill(tokens, positions, valid, prefix)
             cache.fill_prefix(prefix)
-        tokens, positions, valid = _right_aligned(prompts, shared, width)
+        tokens, positions, valid = _right_aligned(prompts, shared, width, device)
         logits = self.runner.prefill(tokens, positions, valid, cache)
         if row_to_unique != list(range(len(prompts))):
-            index = torch.tensor(row_to_unique, dtype=torch.long)
+            index = torch.tensor(row_to_unique, dtype=torch.long, device=device)
             cache, logits = cache.take_rows(index), logits[index]
         computed = shared + sum(len(p) - shared for p in prompts)
         self._stats["prefill_tokens_requested"] += sum(len(row.prompt) for row in batch)
@@ -664,25 +666,27 @@ class MegatronEngine(GenerationEngine):
         """Sample, append, stop, drop finished rows, step the model; until every row is done."""
         live = list(range(len(batch)))  # cache row k holds batch[live[k]]
         params = self._row_tensors(batch)
-        positions = torch.tensor([len(row.prompt) for row in batch], dtype=torch.long)
+        device = self.runner.device
+        positions = torch.tensor([len(row.prompt) for row in batch], dtype=torch.long, device=device)
         step = 0
         while True:
             temperature, top_k, top_p, uniforms = params
             tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, uniforms[:, step])
             tokens, logprobs = self._sync_tensor_parallel(tokens, logprobs)
+            token_list, logprob_list = tokens.tolist(), logprobs.tolist()  # one device sync
             for k, index in enumerate(live):
                 if batch[index].finish_reason is None:
-                    self._append(batch[index], int(tokens[k]), float(logprobs[k]))
+                    self._append(batch[index], token_list[k], logprob_list[k])
             alive = [k for k, index in enumerate(live) if batch[index].finish_reason is None]
             if not alive:
                 return
             if len(live) - len(alive) >= max(1.0, COMPACT_FRACTION * len(live)):
-                keep = torch.tensor(alive, dtype=torch.long)
+                keep = torch.tensor(alive, dtype=torch.long, device=device)
                 cache, tokens, positions = cache.take_rows(keep), tokens[keep], positions[keep]
                 params = tuple(t[keep] for t in params)
                 live = [live[k] for k in alive]
             step += 1
-            ones = torch.ones(len(live), 1, dtype=torch.bool)
+            ones = torch.ones(len(live), 1, dtype=torch.bool, device=device)
             logits = self.runner.forward(tokens[:, None], positions[:, None], ones, cache)
             positions = positions + 1
             self._stats["decode_steps"] += 1
@@ -700,7 +704,8 @@ class MegatronEngine(GenerationEngine):
         temperature = torch.tensor([row.params.temperature for row in batch], dtype=torch.float32)
         top_k = torch.tensor([row.params.top_k for row in batch], dtype=torch.long)
         top_p = torch.tensor([row.params.top_p for row in batch], dtype=torch.float32)
-        return temperature, top_k, top_p, uniforms
+        # Uniforms come from CPU generators: the same samples on any device.
+        return tuple(t.to(self.runner.device) for t in (temperature, top_k, top_p, uniforms))
 
     def _sync_tensor_parallel(self, tokens: torch.Tensor, logprobs: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor]:
