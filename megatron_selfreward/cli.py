@@ -4,6 +4,8 @@
     selfreward config  [--config NAME|PATH] [key=value ...]   print the resolved, validated config
     selfreward params  [--config NAME|PATH] [key=value ...]   parameter count (meta device)
     selfreward convert gguf-to-hf | hf-to-megatron | megatron-to-hf ...   checkpoint conversion
+    selfreward train   sft|dpo [--config ...] [--data PATH] [--init MODEL_DIR] [--out DIR] [key=value ...]
+                                                            SFT or DPO (torchrun/srun for > 1 process)
     selfreward plan    [--config NAME|PATH] --gpus-per-node 8 --nodes N --gpu-mem-gib 80
                                                             per-GPU memory of every TP/PP/DP layout
 """
@@ -112,6 +114,51 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_init_dir(cfg, args: argparse.Namespace) -> Path | None:
+    """--init, else the base model imported as the run's M0 (None: random init for test presets)."""
+    if args.init:
+        return Path(args.init)
+    if cfg.model.source == "random":
+        return None
+    from megatron_selfreward.stages.import_model import run_import_model
+
+    return run_import_model(cfg, Path(cfg.pipeline.run_dir))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    import torch.distributed as dist
+
+    from megatron_selfreward.io import read_records
+    from megatron_selfreward.records import SFTExample
+    from megatron_selfreward.train import run_dpo, run_sft
+
+    cfg = _load(args)
+    out = Path(args.out or Path(cfg.pipeline.run_dir) / f"train_{args.task}")
+    init = _train_init_dir(cfg, args)
+    if args.task == "sft":
+        if args.data:
+            examples = read_records(args.data, SFTExample)
+        else:
+            from megatron_selfreward.data.seed import load_builtin_seed
+
+            examples = load_builtin_seed().ift
+        summary = run_sft(cfg, examples, init, out)
+    else:
+        if not args.data:
+            raise FileNotFoundError(
+                "selfreward train dpo needs --data PATH (a pairs.jsonl of PreferencePair records)")
+        from megatron_selfreward.data.dpo_data import read_pairs
+
+        summary = run_dpo(cfg, read_pairs(args.data), init, out)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        final = summary.get("final") or {}
+        print(json.dumps({"out": str(out), "steps": summary["steps"], "loss": final.get("loss"),
+                          "tokens_per_s": summary["tokens_per_s"], "data": summary["data"]}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfreward", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(func=cmd_convert)
+    train = sub.add_parser("train", help="SFT or DPO training (torchrun/srun for more than one process)")
+    tasks = train.add_subparsers(dest="task", required=True)
+    for task, data_help in [("sft", "SFTExample JSONL (default: the built-in IFT seed)"),
+                            ("dpo", "pairs.jsonl of PreferencePair records (required)")]:
+        t = tasks.add_parser(task, help=f"{task.upper()} from --init (default: the config's base model)")
+        _config_args(t)
+        t.add_argument("--data", help=data_help)
+        t.add_argument("--init", help="model dir to start from (megatron/ or hf/ inside); "
+                                      "default: the config's base model (M0)")
+        t.add_argument("--out", help="output dir (default: <pipeline.run_dir>/train_<task>); "
+                                     "rerunning on it resumes from the newest checkpoint")
+        t.set_defaults(func=cmd_train)
     return parser
 
 
