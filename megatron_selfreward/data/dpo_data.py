@@ -21,7 +21,13 @@ from typing import Sequence
 
 import torch
 
-from megatron_selfreward.data.sft_data import LengthStats, TokenizedSample, padded_batch, round_up
+from megatron_selfreward.data.sft_data import (
+    LengthStats,
+    TokenizedSample,
+    padded_batch,
+    round_up,
+    split_global_batch,
+)
 from megatron_selfreward.records import PreferencePair
 from megatron_selfreward.tokenizer import Tokenizer, render_chat
 
@@ -116,15 +122,18 @@ def dpo_micro_batches(
     pad_id: int,
     ref_logps: torch.Tensor | None = None,
     pad_multiple: int = 8,
+    uniform_length: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
-    """This DP rank's micro-batches of one global batch of pair `indices` (micro_batch_size pairs each)."""
-    if len(indices) % (dp_size * micro_batch_size):
-        raise ValueError(f"global batch of {len(indices)} pairs is not divisible by "
-                         f"micro_batch_size {micro_batch_size} x data-parallel size {dp_size}")
-    length = round_up(max(pairs[i].max_len for i in indices), pad_multiple)
-    per_rank = len(indices) // dp_size
-    mine = list(indices)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    return [
-        pair_batch([pairs[i] for i in chunk], chunk, length, pad_id, ref_logps)
-        for chunk in (mine[j : j + micro_batch_size] for j in range(0, len(mine), micro_batch_size))
-    ]
+    """This DP rank's micro-batches of one global batch of pair `indices` (micro_batch_size pairs each).
+
+    Grouped by length as `sft_data.split_global_batch` does; `uniform_length` as in
+    `sft_data.sft_micro_batches` (required under pipeline parallelism).
+    """
+    lengths = [pairs[i].max_len for i in indices]
+    longest = max(lengths)
+    out = []
+    for mb in split_global_batch(lengths, micro_batch_size, dp_rank, dp_size):
+        chunk = [indices[k] for k in mb]
+        length = round_up(longest if uniform_length else max(lengths[k] for k in mb), pad_multiple)
+        out.append(pair_batch([pairs[i] for i in chunk], chunk, length, pad_id, ref_logps))
+    return out

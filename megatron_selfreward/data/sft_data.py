@@ -188,6 +188,51 @@ def packed_batch(
     return batch
 
 
+def split_global_batch(
+    lengths: Sequence[int], micro_batch_size: int, dp_rank: int, dp_size: int
+) -> list[list[int]]:
+    """This DP rank's micro-batches, as positions into the global batch.
+
+    Positions are sorted by length (longest first) and cut into micro-batches, which are dealt
+    to the DP ranks in turn: similar lengths share a micro-batch (little padding) and every
+    rank gets the same number of micro-batches of a similar mix. The loss is normalised over
+    the whole global batch, so the grouping does not change what is optimised.
+    """
+    n = len(lengths)
+    if n % (dp_size * micro_batch_size):
+        raise ValueError(f"global batch of {n} is not divisible by micro_batch_size "
+                         f"{micro_batch_size} x data-parallel size {dp_size}")
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    micro = [order[i : i + micro_batch_size] for i in range(0, n, micro_batch_size)]
+    return micro[dp_rank::dp_size]
+
+
+def _packed_micro_batches(
+    chosen: Sequence[TokenizedSample], micro_batch_size: int, dp_rank: int, dp_size: int,
+    pad_id: int, seq_len: int, pad_multiple: int, uniform_length: bool,
+) -> list[dict[str, torch.Tensor]]:
+    """Pack the global batch into rows, deal the rows to DP ranks, cut them into micro-batches.
+
+    Under pipeline parallelism (`uniform_length`) every rank needs the same number of equally
+    shaped micro-batches, so empty rows fill the gaps; otherwise the last micro-batch of a rank
+    may be smaller and only a rank left without rows gets one empty row (no tokens, no loss).
+    """
+    rows = [[chosen[i] for i in row] for row in pack_rows([len(s) for s in chosen], seq_len)]
+    if uniform_length:
+        per_rank = round_up(max(1, -(-len(rows) // dp_size)), micro_batch_size)
+        rows += [[]] * (per_rank * dp_size - len(rows))
+        lengths = [sum(len(s) for s in row) for row in rows]
+        longest = round_up(max(lengths), pad_multiple)
+        groups = [[rows[i] for i in mb]
+                  for mb in split_global_batch(lengths, micro_batch_size, dp_rank, dp_size)]
+        return [packed_batch(g, longest, pad_id) for g in groups]
+    rows.sort(key=lambda row: -sum(len(s) for s in row))
+    mine = rows[dp_rank::dp_size] or [[]]
+    groups = [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    return [packed_batch(g, round_up(max(1, max(sum(len(s) for s in row) for row in g)), pad_multiple), pad_id)
+            for g in groups]
+
+
 def sft_micro_batches(
     samples: Sequence[TokenizedSample],
     indices: Sequence[int],
@@ -199,26 +244,22 @@ def sft_micro_batches(
     seq_len: int,
     packing: bool = False,
     pad_multiple: int = 8,
+    uniform_length: bool = True,
 ) -> list[dict[str, torch.Tensor]]:
     """This data-parallel rank's micro-batches of one global batch (sample `indices`).
 
-    Every micro-batch of a step has the same length (the global batch's longest row, rounded up
-    to `pad_multiple`), as pipeline parallelism needs, and every DP rank derives it alike.
+    Lengths are rounded up to `pad_multiple`. With `uniform_length` (needed under pipeline
+    parallelism, whose stages exchange fixed-shape activations) every micro-batch of the step
+    has the global batch's longest length; otherwise each is only as long as its own longest row.
     """
     chosen = [samples[i] for i in indices]
     if packing:
-        rows = [[chosen[i] for i in row] for row in pack_rows([len(s) for s in chosen], seq_len)]
-        per_rank = round_up(max(1, -(-len(rows) // dp_size)), micro_batch_size)
-        rows += [[]] * (per_rank * dp_size - len(rows))  # empty rows: no tokens, no loss
-        length = round_up(max(sum(len(s) for s in row) for row in rows), pad_multiple)
-        mine = rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        return [packed_batch(mine[i : i + micro_batch_size], length, pad_id)
-                for i in range(0, len(mine), micro_batch_size)]
-    if len(chosen) % (dp_size * micro_batch_size):
-        raise ValueError(f"global batch of {len(chosen)} is not divisible by "
-                         f"micro_batch_size {micro_batch_size} x data-parallel size {dp_size}")
-    length = round_up(max(len(s) for s in chosen), pad_multiple)
-    per_rank = len(chosen) // dp_size
-    mine = chosen[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    return [padded_batch(mine[i : i + micro_batch_size], length, pad_id)
-            for i in range(0, len(mine), micro_batch_size)]
+        return _packed_micro_batches(chosen, micro_batch_size, dp_rank, dp_size, pad_id, seq_len,
+                                     pad_multiple, uniform_length)
+    lengths = [len(s) for s in chosen]
+    groups = [[chosen[i] for i in mb]
+              for mb in split_global_batch(lengths, micro_batch_size, dp_rank, dp_size)]
+    longest = max(lengths)
+    return [padded_batch(g, round_up(longest if uniform_length else max(len(s) for s in g),
+                                     pad_multiple), pad_id)
+            for g in groups]

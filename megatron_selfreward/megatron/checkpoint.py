@@ -113,6 +113,12 @@ def adam_step(optimizer: Any) -> int:
     return 0
 
 
+def _step_tensor(value: float, group: dict[str, Any], param: torch.Tensor) -> torch.Tensor:
+    # torch's fused Adam wants `step` on the parameter's device, the loop version on the host.
+    device = param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
 def _restore_adam_step(optimizer: Any, step: int) -> None:
     # torch Adam keeps `step` per parameter; megatron's sharded format keeps one common value that
     # some load paths do not put back (the bias correction then drifts): set it explicitly.
@@ -121,8 +127,7 @@ def _restore_adam_step(optimizer: Any, step: int) -> None:
             for param in group["params"]:
                 state = inner.state.get(param)
                 if state:
-                    dtype = state["step"].dtype if "step" in state else torch.float32
-                    state["step"] = torch.tensor(float(step), dtype=dtype)
+                    state["step"] = _step_tensor(float(step), group, param)
 
 
 def _create_adam_state(optimizer: Any) -> None:
@@ -136,7 +141,7 @@ def _create_adam_state(optimizer: Any) -> None:
             for param in group["params"]:
                 state = inner.state[param]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
+                    state["step"] = _step_tensor(0.0, group, param)
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 

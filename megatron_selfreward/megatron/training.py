@@ -62,6 +62,22 @@ def _optimizer(cfg: Config, opt: OptimConfig, model: list[Any]) -> Any:
     return get_megatron_optimizer(oconf, model)
 
 
+def prefer_fused_adam(optimizer: Any) -> None:
+    """Use torch's fused Adam(W) kernel where megatron fell back to torch.optim (no TE/apex).
+
+    The fused kernel (CPU and CUDA) is the same update in one pass over each tensor, about twice
+    as fast as the per-parameter loop on CPU; TE's and apex's fused Adams are left alone.
+    """
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(wrapper, "optimizer", None)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if params and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params):
+            for group in inner.param_groups:
+                group["fused"], group["foreach"] = True, False
+
+
 def _scheduler(opt: OptimConfig, optimizer: Any, total_steps: int) -> Any:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -99,6 +115,7 @@ def build_train_state(cfg: Config, opt: OptimConfig, total_steps: int, model: An
     tconf.no_sync_func = chunks[0].no_sync
     tconf.grad_scale_func = None
     optimizer = _optimizer(cfg, opt, chunks)
+    prefer_fused_adam(optimizer)
     scheduler = _scheduler(opt, optimizer, total_steps)
     return TrainState(model=chunks, optimizer=optimizer, scheduler=scheduler)
 

@@ -14,6 +14,7 @@ TRL's) under any TP/PP/DP layout and micro-batch split. Under PP the loss runs o
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -95,15 +96,17 @@ def compute_reference_logps(cfg: Config, model: list[Any], pairs: Sequence[Token
     table = torch.zeros(len(pairs), 2, dtype=torch.float64)
     for chunk in model:
         chunk.eval()
+    multiple = loop.pad_multiple(cfg)
     for indices in _reference_chunks(len(pairs), cfg):
-        length = round_up(max(pairs[i].max_len for i in indices if i >= 0), loop.pad_multiple(cfg))
+        longest = max(pairs[i].max_len for i in indices if i >= 0)
         per_rank = len(indices) // dp_size
         mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         batches = []
         for j in range(0, len(mine), mbs):
-            part = mine[j : j + mbs]
-            batch = pair_batch([pairs[max(i, 0)] for i in part], part, length, pad_id)
-            batches.append(batch)  # pair_index -1 marks padding: computed, never stored
+            part = mine[j : j + mbs]  # pair_index -1 marks padding: computed, never stored
+            own = max(pairs[max(i, 0)].max_len for i in part)
+            length = round_up(longest if loop.uniform_lengths(cfg) else own, multiple)
+            batches.append(pair_batch([pairs[max(i, 0)] for i in part], part, length, pad_id))
         for report in forward_only(model, batches, _logps_forward_step):
             for idx, chosen, rejected in report["logps"].tolist():
                 if idx >= 0:
@@ -145,7 +148,8 @@ def dpo_task(cfg: Config, pairs: Sequence[TokenizedPair], ref: torch.Tensor, pad
     def micro_batches(indices: list[int]) -> loop.MicroBatches:
         return dpo_micro_batches(pairs, indices, micro_batch_size=opt.micro_batch_size,
                                  dp_rank=dp_rank, dp_size=dp_size, pad_id=pad_id,
-                                 ref_logps=ref, pad_multiple=loop.pad_multiple(cfg))
+                                 ref_logps=ref, pad_multiple=loop.pad_multiple(cfg),
+                                 uniform_length=loop.uniform_lengths(cfg))
 
     def batch_tokens(indices: list[int]) -> int:
         return sum(2 * len(pairs[i].prompt) + len(pairs[i].chosen) + len(pairs[i].rejected)
@@ -184,10 +188,13 @@ def run_dpo(
         total = total_steps_for(len(tpairs), opt.global_batch_size, opt.epochs, opt.max_steps)
         state = build_train_state(cfg, opt, total, loop.init_model(cfg, init_dir))
         resuming = resume and latest_checkpoint(out / "checkpoints") is not None
+        started = time.perf_counter()
         ref = reference_logps(cfg, state, tpairs, tokenizer.eos_token_id, out, resuming)
+        reference_time_s = time.perf_counter() - started
         task = dpo_task(cfg, tpairs, ref, tokenizer.eos_token_id)
         summary = loop.train(cfg, task, state, out, resume=resume, stop_after_steps=stop_after_steps)
         summary["data"] = stats.as_dict()
+        summary["reference_time_s"] = reference_time_s
         loop.copy_tokenizer(init_dir, out)
         loop.write_summary(out, summary)
     return summary

@@ -91,6 +91,11 @@ def data_parallel() -> tuple[int, int]:
     return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
 
+def uniform_lengths(cfg: Config) -> bool:
+    """Pipeline stages exchange fixed-shape activations: every micro-batch of a step alike."""
+    return cfg.parallel.pipeline_model_parallel_size > 1
+
+
 def pad_multiple(cfg: Config) -> int:
     # Sequence parallelism splits the sequence over TP ranks: lengths must divide evenly.
     return math.lcm(8, cfg.parallel.tensor_model_parallel_size)

@@ -32,7 +32,7 @@ def sft_task(cfg: Config, samples: Sequence[TokenizedSample], pad_id: int) -> lo
         return sft_micro_batches(
             samples, indices, micro_batch_size=opt.micro_batch_size, dp_rank=dp_rank,
             dp_size=dp_size, pad_id=pad_id, seq_len=opt.seq_len, packing=opt.packing,
-            pad_multiple=loop.pad_multiple(cfg))
+            pad_multiple=loop.pad_multiple(cfg), uniform_length=loop.uniform_lengths(cfg))
 
     return loop.Task(
         name="sft", opt=opt, num_samples=len(samples), forward_step=lm_forward_step,

@@ -135,13 +135,30 @@ def test_packing_keeps_examples_apart(tiny_model):
 
 def test_micro_batches_cover_the_global_batch_once():
     samples = [TokenizedSample([1] * (3 + i), [0, 0] + [1] * (1 + i)) for i in range(8)]
-    seen = []
+    seen, shapes = [], []
     for dp_rank in range(2):
         mbs = sft_micro_batches(samples, list(range(8)), micro_batch_size=2, dp_rank=dp_rank,
-                                dp_size=2, pad_id=0, seq_len=64)
-        assert len(mbs) == 2 and all(b["tokens"].shape == (2, 16) for b in mbs)
+                                dp_size=2, pad_id=0, seq_len=64, uniform_length=False)
+        assert len(mbs) == 2
+        shapes += [tuple(b["tokens"].shape) for b in mbs]
         seen += [int(b["loss_mask"][r].sum()) for b in mbs for r in range(2)]
     assert sorted(seen) == [1 + i for i in range(8)]
+    assert sorted(shapes) == [(2, 8), (2, 8), (2, 8), (2, 16)]  # grouped by length
+    uniform = sft_micro_batches(samples, list(range(8)), micro_batch_size=2, dp_rank=0, dp_size=2,
+                                pad_id=0, seq_len=64, uniform_length=True)
+    assert all(b["tokens"].shape == (2, 16) for b in uniform)  # what pipeline stages need
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_packed_micro_batches_cover_every_target_once(uniform):
+    samples = [TokenizedSample([5] * (10 + 7 * i), [0] * 5 + [1] * (5 + 7 * i)) for i in range(6)]
+    targets = 0
+    for dp_rank in range(2):
+        mbs = sft_micro_batches(samples, list(range(6)), micro_batch_size=2, dp_rank=dp_rank, dp_size=2,
+                                pad_id=0, seq_len=64, packing=True, uniform_length=uniform)
+        assert mbs and all(b["attention_mask"].shape[-1] == b["tokens"].shape[1] for b in mbs)
+        targets += sum(int(b["loss_mask"].sum()) for b in mbs)
+    assert targets == sum(sum(s.targets) for s in samples)  # the first token of a row is no label
 
 
 def test_sampler_is_deterministic_and_resumable():
