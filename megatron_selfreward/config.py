@@ -176,6 +176,30 @@ class JudgeConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation of each model M_t (paper section 6): reward-model metrics and head-to-head."""
+
+    # Share of the ranked seed prompts held out for the reward-model metrics (paper: 541 of
+    # 2,171 = 0.25); EFT training data must come from the other side of the same split.
+    eft_eval_fraction: float = 0.25
+    rm_samples: int = 3  # judge samples per response; single-sample and k-mean are both reported
+    head_to_head_prompts: int = 256  # the paper's 256 test prompts; fewer when the set is smaller
+    # 0 = greedy answers; > 0 samples with seeds fixed by pipeline.seed and the prompt id.
+    answer_temperature: float = 0.0
+    answer_top_p: float = 0.9
+    answer_max_new_tokens: int = 0  # 0 = generation.max_new_tokens
+    # Head-to-head judge: "self" (the model being evaluated), a model directory (same
+    # architecture as `model`), or an OpenAI-compatible endpoint "http(s)://host:port/v1".
+    judge: str = "self"
+    judge_model: str = ""  # the endpoint's model name (required for an endpoint)
+    judge_api_key_env: str = "OPENAI_API_KEY"  # read at request time, never logged
+    judge_timeout_s: float = 120.0
+    judge_max_retries: int = 3
+    judge_parallel_requests: int = 4  # concurrent requests to an endpoint
+    judge_max_new_tokens: int = 32  # the verdict is "Output (a)" or "Output (b)"
+
+
+@dataclass
 class PipelineConfig:
     run_dir: str = "runs/default"
     iterations: int = 2  # the paper trains M2 and M3
@@ -211,6 +235,7 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
@@ -441,10 +466,28 @@ def check_batch_layout(cfg: Config, world_size: int) -> None:
                  f"{opt.micro_batch_size} x data-parallel size {dp}")
 
 
+def _check_eval(cfg: Config) -> None:
+    e = cfg.eval
+    _require(0.0 < e.eft_eval_fraction < 1.0, "eval.eft_eval_fraction",
+             f"must be in (0, 1) so both EFT training and evaluation get prompts, got {e.eft_eval_fraction}")
+    for name in ("rm_samples", "head_to_head_prompts", "judge_parallel_requests", "judge_max_new_tokens"):
+        _require(getattr(e, name) >= 1, f"eval.{name}", f"must be >= 1, got {getattr(e, name)}")
+    for name in ("answer_max_new_tokens", "judge_max_retries", "answer_temperature"):
+        _require(getattr(e, name) >= 0, f"eval.{name}", f"must be >= 0, got {getattr(e, name)}")
+    _require(0.0 < e.answer_top_p <= 1.0, "eval.answer_top_p", "must be in (0, 1]")
+    _require(e.judge_timeout_s > 0, "eval.judge_timeout_s", f"must be > 0, got {e.judge_timeout_s}")
+    _require(bool(e.judge.strip()), "eval.judge",
+             "must be 'self', a model directory or an http(s)://host:port/v1 endpoint")
+    if e.judge.startswith(("http://", "https://")):
+        _require(bool(e.judge_model), "eval.judge_model",
+                 f"judging through the endpoint {e.judge} needs the model name it serves")
+
+
 def validate(cfg: Config) -> None:
     _check_positive(cfg)
     _check_model(cfg)
     _check_world(cfg)
+    _check_eval(cfg)
     _require(not cfg.precision.fp8 or cfg.precision.params_dtype == "bfloat16",
              "precision.fp8", "FP8 training runs with bfloat16 params (set precision.params_dtype)")
     for section in ("sft", "dpo"):
