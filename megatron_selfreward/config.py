@@ -99,6 +99,14 @@ class DataConfig:
     # An Open Assistant export (*.trees.jsonl[.gz]) to build IFT/EFT from, as in the paper.
     oasst_export: str = ""
     eval_prompts: Literal["builtin", "alpaca_eval"] = "builtin"
+    # Share of the ranked prompts held out for reward-model metrics (paper: 541 of 2,171).
+    eft_eval_fraction: float = 0.25
+    # Who writes the EFT judge targets. The paper uses the IFT-only SFT baseline
+    # ("sft_baseline": trained first, models/SFT); "base" uses M0 (our cheap default on CPU);
+    # or a model directory.
+    eft_judge: str = "base"
+    eft_max_prompts: int = 0  # 0 = every ranked train prompt; a cap keeps CPU runs short
+    eft_max_bucket_fraction: float = 0.4  # our default: the paper's "score-4 down-sampling"
 
 
 @dataclass
@@ -150,6 +158,8 @@ class PromptGenConfig:
     rouge_l_threshold: float = 0.7
     min_words: int = 3
     max_words: int = 150
+    # Cap on generation requests (each yields several candidates); 0 = 4 x num_prompts.
+    max_attempts: int = 0
 
 
 @dataclass
@@ -204,6 +214,11 @@ class PipelineConfig:
     run_dir: str = "runs/default"
     iterations: int = 2  # the paper trains M2 and M3
     seed: int = 1234
+    # Prompts per resumable shard of sample_responses / judge_responses.
+    shard_size: int = 64
+    # Full training state (optimizer included) of finished train stages; the final weights
+    # stay in models/M<t>/megatron either way.
+    keep_train_checkpoints: bool = False
 
 
 @dataclass
@@ -483,6 +498,21 @@ def _check_eval(cfg: Config) -> None:
                  f"judging through the endpoint {e.judge} needs the model name it serves")
 
 
+def _check_pipeline_keys(cfg: Config) -> None:
+    d, pg = cfg.data, cfg.generation.prompts
+    _require(0.0 < d.eft_eval_fraction < 1.0, "data.eft_eval_fraction", "must be in (0, 1)")
+    _require(0.0 < d.eft_max_bucket_fraction <= 1.0, "data.eft_max_bucket_fraction",
+             "must be in (0, 1]")
+    _require(d.eft_max_prompts >= 0, "data.eft_max_prompts", "must be >= 0 (0 = all)")
+    _require(cfg.pipeline.shard_size > 0, "pipeline.shard_size", "must be > 0")
+    _require(cfg.pipeline.iterations >= 0, "pipeline.iterations", "must be >= 0")
+    _require(pg.num_prompts > 0, "generation.prompts.num_prompts", "must be > 0")
+    _require(pg.max_attempts >= 0, "generation.prompts.max_attempts", "must be >= 0 (0 = auto)")
+    _require(0 < pg.min_words <= pg.max_words, "generation.prompts.min_words",
+             "must be > 0 and at most max_words")
+    _require(0.0 < pg.top_p <= 1.0, "generation.prompts.top_p", "must be in (0, 1]")
+
+
 def validate(cfg: Config) -> None:
     _check_positive(cfg)
     _check_model(cfg)
@@ -497,5 +527,6 @@ def validate(cfg: Config) -> None:
     _require(cfg.generation.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
     _require(cfg.judge.top_p <= 1.0, "judge.top_p", "must be in (0, 1]")
     _require(cfg.judge.score_low < cfg.judge.score_high, "judge.score_high", "must exceed score_low")
+    _check_pipeline_keys(cfg)
     _require(cfg.generation.responses_per_prompt >= 2, "generation.responses_per_prompt",
              "a preference pair needs at least 2 responses per prompt")
