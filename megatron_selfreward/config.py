@@ -189,9 +189,7 @@ class JudgeConfig:
 class EvalConfig:
     """Evaluation of each model M_t (paper section 6): reward-model metrics and head-to-head."""
 
-    # Share of the ranked seed prompts held out for the reward-model metrics (paper: 541 of
-    # 2,171 = 0.25); EFT training data must come from the other side of the same split.
-    eft_eval_fraction: float = 0.25
+    # The held-out ranked prompts for the reward-model metrics: data.eft_eval_fraction.
     rm_samples: int = 3  # judge samples per response; single-sample and k-mean are both reported
     head_to_head_prompts: int = 256  # the paper's 256 test prompts; fewer when the set is smaller
     # 0 = greedy answers; > 0 samples with seeds fixed by pipeline.seed and the prompt id.
@@ -483,8 +481,6 @@ def check_batch_layout(cfg: Config, world_size: int) -> None:
 
 def _check_eval(cfg: Config) -> None:
     e = cfg.eval
-    _require(0.0 < e.eft_eval_fraction < 1.0, "eval.eft_eval_fraction",
-             f"must be in (0, 1) so both EFT training and evaluation get prompts, got {e.eft_eval_fraction}")
     for name in ("rm_samples", "head_to_head_prompts", "judge_parallel_requests", "judge_max_new_tokens"):
         _require(getattr(e, name) >= 1, f"eval.{name}", f"must be >= 1, got {getattr(e, name)}")
     for name in ("answer_max_new_tokens", "judge_max_retries", "answer_temperature"):
