@@ -1,0 +1,210 @@
+"""Evaluation: pairwise verdicts, both-orders aggregation, the OpenAI-compatible judge client
+(against a local HTTP server), and metrics.json of a tiny random-model run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from megatron_selfreward.judging.openai_client import JudgeEndpointError, OpenAICompatibleClient
+from megatron_selfreward.judging.pairwise import (
+    PairwiseVerdict,
+    combine_both_orders,
+    load_pairwise_template,
+    parse_pairwise_verdict,
+    render_pairwise_prompt,
+    summarize_outcomes,
+)
+from tests.conftest import CONFIGS
+
+# ---------------------------------------------------------------------------------------------
+# Pairwise prompt and verdict parser
+
+
+@pytest.mark.parametrize("text, choice, reason", [
+    ("Output (a)", "a", None),
+    ("Output (b)", "b", None),
+    ("output (B)", "b", None),
+    ("  **Output (a)**  ", "a", None),
+    ("## Output (b)", "b", None),
+    ("Output: b", "b", None),
+    ("Output(a)", "a", None),
+    ("(a)", "a", None),
+    ("b", "b", None),
+    ("A.", "a", None),
+    ("I prefer Output (b).", "b", None),
+    # a label opening a line decides over one inside a sentence
+    ("Output (b). Output (a) is more of a joke.", "b", None),
+    ("Output (a) is better than Output (b)", "a", None),
+    # the question echoed back is not a verdict
+    ("Which is best, Output (a) or Output (b)?", None, "missing"),
+    ("Which is best, Output (a) or Output (b)?\nOutput (b)", "b", None),
+    ("I think Output (b) is better than Output (a)", None, "ambiguous"),
+    ("Output (a)\nOutput (b)", None, "ambiguous"),
+    ("Both are equally good.", None, "missing"),
+    ("Output as a table", None, "missing"),
+    ("Output (c)", None, "missing"),
+    ("", None, "missing"),
+    (None, None, "missing"),
+])
+def test_parse_pairwise_verdict(text, choice, reason):
+    assert parse_pairwise_verdict(text) == PairwiseVerdict(choice, reason)
+
+
+def test_pairwise_prompt_fills_slots_once_and_literally():
+    template = load_pairwise_template()
+    assert "Output (a) or Output (b)" in template and not template.endswith("\n")
+    text = render_pairwise_prompt("say <OUTPUT_B_HERE>", "first <INSTRUCTION_HERE>", "second")
+    assert "## Instruction:\nsay <OUTPUT_B_HERE>\n" in text
+    assert "## Output (a):\nfirst <INSTRUCTION_HERE>\n" in text
+    assert "## Output (b):\nsecond\n" in text
+    assert "<OUTPUT_A_HERE>" not in text
+
+
+A, B, NONE = PairwiseVerdict("a"), PairwiseVerdict("b"), PairwiseVerdict(None, "missing")
+
+
+@pytest.mark.parametrize("first, second, outcome", [
+    (A, B, "win"),         # candidate preferred in both positions
+    (B, A, "loss"),        # baseline preferred in both positions
+    (A, A, "tie"),         # always the first position: disagreement
+    (B, B, "tie"),         # always the second position: disagreement
+    (A, NONE, "unjudged"),
+    (NONE, B, "unjudged"),
+    (NONE, NONE, "unjudged"),
+])
+def test_both_orders_aggregation(first, second, outcome):
+    assert combine_both_orders(first, second) == outcome
+
+
+def test_summarize_outcomes_rates_over_judged():
+    s = summarize_outcomes(["win", "win", "tie", "loss", "unjudged"])
+    assert (s["win"], s["tie"], s["loss"], s["unjudged"], s["judged"]) == (2, 1, 1, 1, 4)
+    assert (s["win_rate"], s["tie_rate"], s["loss_rate"]) == (0.5, 0.25, 0.25)
+    assert s["unjudged_rate"] == 0.2
+    empty = summarize_outcomes([])
+    assert empty["win_rate"] is None and empty["unjudged_rate"] is None
+    with pytest.raises(ValueError, match="unknown"):
+        summarize_outcomes(["draw"])
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible client against a local server
+
+
+class _Server:
+    """A canned /v1/chat/completions: records each request, answers from a script of
+    (status, body, delay_s) entries, then repeats the last."""
+
+    def __init__(self, script: list[tuple[int, Any, float]]) -> None:
+        self.script, self.requests = list(script), []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                server.requests.append({"path": self.path, "headers": dict(self.headers),
+                                        "json": json.loads(body)})
+                status, reply, delay = server.script.pop(0) if len(server.script) > 1 else server.script[0]
+                time.sleep(delay)
+                data = (reply if isinstance(reply, str) else json.dumps(reply)).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True)
+
+    def __enter__(self) -> "_Server":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _completion(text: str) -> dict:
+    return {"id": "x", "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+
+def test_client_request_format_and_auth_header(monkeypatch):
+    monkeypatch.setenv("SR_TEST_KEY", "sk-test-123")
+    with _Server([(200, _completion("Output (b)"), 0.0)]) as server:
+        client = OpenAICompatibleClient(server.url, "judge-model", api_key_env="SR_TEST_KEY", timeout_s=5)
+        reply = client.chat([{"role": "user", "content": "which?"}], temperature=0.0, max_tokens=7, seed=3)
+    assert reply == "Output (b)"
+    (req,) = server.requests
+    assert req["path"] == "/v1/chat/completions"
+    assert req["headers"]["Authorization"] == "Bearer sk-test-123"
+    assert req["headers"]["Content-Type"] == "application/json"
+    assert req["json"] == {"model": "judge-model", "messages": [{"role": "user", "content": "which?"}],
+                           "temperature": 0.0, "max_tokens": 7, "seed": 3}
+    assert "sk-test" not in repr(client)
+
+
+def test_client_sends_no_auth_header_without_a_key(monkeypatch):
+    monkeypatch.delenv("SR_TEST_KEY", raising=False)
+    with _Server([(200, _completion("a"), 0.0)]) as server:
+        OpenAICompatibleClient(server.url, "m", api_key_env="SR_TEST_KEY").chat([{"role": "user", "content": "q"}])
+    assert "Authorization" not in server.requests[0]["headers"]
+
+
+def test_client_retries_server_errors_then_succeeds(monkeypatch):
+    monkeypatch.setenv("SR_TEST_KEY", "sk-secret-xyz")
+    script = [(500, {"error": "boom"}, 0.0), (503, "busy", 0.0), (200, _completion("Output (a)"), 0.0)]
+    with _Server(script) as server:
+        client = OpenAICompatibleClient(server.url, "m", api_key_env="SR_TEST_KEY", max_retries=3, backoff_s=0.0)
+        assert client.chat([{"role": "user", "content": "q"}]) == "Output (a)"
+    assert len(server.requests) == 3
+
+
+def test_client_gives_up_after_retries_without_leaking_the_key(monkeypatch):
+    monkeypatch.setenv("SR_TEST_KEY", "sk-secret-xyz")
+    with _Server([(500, {"error": "still down"}, 0.0)]) as server:
+        client = OpenAICompatibleClient(server.url, "m", api_key_env="SR_TEST_KEY", max_retries=2, backoff_s=0.0)
+        with pytest.raises(JudgeEndpointError, match=r"after 3 attempt\(s\).*HTTP 500") as err:
+            client.chat([{"role": "user", "content": "q"}])
+    assert len(server.requests) == 3
+    assert "sk-secret" not in str(err.value)
+
+
+def test_client_does_not_retry_a_client_error():
+    with _Server([(401, {"error": "bad key"}, 0.0)]) as server:
+        client = OpenAICompatibleClient(server.url, "m", max_retries=3, backoff_s=0.0)
+        with pytest.raises(JudgeEndpointError, match="HTTP 401"):
+            client.chat([{"role": "user", "content": "q"}])
+    assert len(server.requests) == 1
+
+
+def test_client_timeout_message():
+    with _Server([(200, _completion("late"), 1.5)]) as server:
+        client = OpenAICompatibleClient(server.url, "m", timeout_s=0.2, max_retries=0)
+        started = time.monotonic()
+        with pytest.raises(JudgeEndpointError, match=r"timed out after 0.2 s"):
+            client.chat([{"role": "user", "content": "q"}])
+    assert time.monotonic() - started < 1.5
+
+
+def test_client_rejects_a_reply_that_is_not_a_completion():
+    with _Server([(200, {"unexpected": True}, 0.0)]) as server:
+        with pytest.raises(JudgeEndpointError, match="choices"):
+            OpenAICompatibleClient(server.url, "m").chat([{"role": "user", "content": "q"}])
