@@ -208,3 +208,125 @@ def test_client_rejects_a_reply_that_is_not_a_completion():
     with _Server([(200, {"unexpected": True}, 0.0)]) as server:
         with pytest.raises(JudgeEndpointError, match="choices"):
             OpenAICompatibleClient(server.url, "m").chat([{"role": "user", "content": "q"}])
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.json of a tiny run: random models (the judge fails to parse, which must be counted)
+
+TINY_OVERRIDES = ["eval.rm_samples=2", "eval.head_to_head_prompts=3", "data.eft_eval_fraction=0.1",
+                  "judge.max_new_tokens=6", "eval.answer_max_new_tokens=6", "eval.judge_max_new_tokens=4"]
+RM_KEYS = {"pairwise_accuracy", "five_best_frac", "exact_match_frac", "spearman_mean", "kendall_tau_b_mean",
+           "pairs_total", "pairs_evaluated", "pairs_missing_score", "num_instructions"}
+H2H_KEYS = {"candidate", "baseline", "judge", "prompts", "num_comparisons", "judged", "win", "tie", "loss",
+            "unjudged", "win_rate", "tie_rate", "loss_rate", "unjudged_rate", "disagreements",
+            "verdict_failures", "answers", "policy"}
+
+
+def _tiny_cfg(run_dir: Path, *extra: str):
+    from megatron_selfreward.config import load_config
+
+    return load_config(CONFIGS / "tiny.yaml", [f"pipeline.run_dir={run_dir}", *TINY_OVERRIDES, *extra])
+
+
+def _synthetic_iteration(run_dir: Path) -> None:
+    """iter1 judgements as M1 would have written them: 2 prompts x 2 responses, one sample failed."""
+    from megatron_selfreward.io import write_jsonl
+    from megatron_selfreward.judging.parse import judgement_from_outputs
+
+    write_jsonl(run_dir / "iter1" / "judgements.jsonl", [
+        judgement_from_outputs("p0", "p0-r0", ["Score: 4", "no verdict"]),
+        judgement_from_outputs("p0", "p0-r1", ["Score: 2", "Score: 3"]),
+        judgement_from_outputs("p1", "p1-r0", ["Score: 4", "Score: 4"]),
+        judgement_from_outputs("p1", "p1-r1", ["Score: 4", "Score: 4"]),
+    ])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
+    from megatron_selfreward.stages.evaluate import run_evaluate
+    from megatron_selfreward.stages.import_model import run_import_model
+
+    run_dir = tmp_path_factory.mktemp("eval") / "tiny"
+    cfg = _tiny_cfg(run_dir)
+    m0 = run_import_model(cfg, run_dir)
+    for name in ("M1", "M2"):
+        shutil.copytree(m0, run_dir / "models" / name)
+    _synthetic_iteration(run_dir)
+    out = run_evaluate(cfg, run_dir, 2, run_dir / "models" / "M2", run_dir / "models" / "M1")
+    yield run_dir, out
+
+
+def test_metrics_json_schema_on_a_tiny_run(tiny_run):
+    from megatron_selfreward.io import read_jsonl
+
+    run_dir, out = tiny_run
+    assert out == run_dir / "eval" / "M2" / "metrics.json"
+    m = json.loads(out.read_text())
+    assert {"schema_version", "model", "iteration", "previous_model", "reward_model", "judge_health",
+            "head_to_head", "lengths", "files", "wall_time_s"} <= set(m)
+    assert (m["model"], m["iteration"], m["previous_model"]) == ("M2", 2, "M1")
+    rm = m["reward_model"]
+    assert RM_KEYS <= set(rm["single_sample"]) and RM_KEYS <= set(rm["k_sample_mean"])
+    assert rm["samples_per_response"] == 2 and "tie" in rm["policy"]
+    judged = read_jsonl(run_dir / m["files"]["rm_judgements"])
+    assert len(judged) == rm["num_responses"] > 0
+    failures = sum(r is not None for j in judged for r in j["failure_reasons"])
+    assert rm["judge_samples"] == 2 * rm["num_responses"]
+    # A random model's judge outputs do not parse: counted, never scored.
+    assert rm["parse_failures"] == failures > 0
+    assert rm["parse_failure_rate"] == pytest.approx(failures / rm["judge_samples"])
+    assert rm["k_sample_mean"]["pairs_missing_score"] + rm["k_sample_mean"]["pairs_evaluated"] \
+        == rm["k_sample_mean"]["pairs_total"]
+    h2h = m["head_to_head"]
+    assert H2H_KEYS <= set(h2h)
+    assert (h2h["candidate"], h2h["baseline"], h2h["num_comparisons"]) == ("M2", "M1", 3)
+    assert h2h["win"] + h2h["tie"] + h2h["loss"] + h2h["unjudged"] == 3
+    assert set(m["lengths"]) == {"M1", "M2"}
+    assert m["lengths"]["M2"]["num_answers"] == 3 and m["lengths"]["M2"]["mean_tokens"] > 0
+    assert all((run_dir / path).is_file() for path in m["files"].values())
+    assert (run_dir / "eval" / "M2" / "metrics.manifest.json").is_file()
+
+
+def test_judge_health_of_present_and_missing_iterations(tiny_run):
+    run_dir, out = tiny_run
+    health = json.loads(out.read_text())["judge_health"]
+    assert health["iter2"] == {"missing": "iter2/judgements.jsonl"}
+    h1 = health["iter1"]
+    assert (h1["judged_by"], h1["num_judgements"], h1["sample_failures"]) == ("M1", 4, 1)
+    assert (h1["prompts_paired"], h1["prompts_tied"], h1["tie_rate"]) == (1, 1, 0.5)
+    assert h1["usable_pairs_per_prompt"] == 0.5 and h1["pairs_written"] is None
+    # three of four means round to 4: above the 60% warning line
+    assert h1["dominant_bucket"] == "4" and any("collapsed" in w for w in h1["warnings"])
+
+
+def test_rerun_is_a_no_op(tiny_run):
+    from megatron_selfreward.stages.evaluate import run_evaluate
+
+    run_dir, out = tiny_run
+    manifest = run_dir / "eval" / "M2" / "metrics.manifest.json"
+    before = manifest.stat().st_mtime_ns
+    started = time.monotonic()
+    run_evaluate(_tiny_cfg(run_dir), run_dir, 2, run_dir / "models" / "M2", run_dir / "models" / "M1")
+    assert manifest.stat().st_mtime_ns == before and time.monotonic() - started < 5
+
+
+def test_endpoint_judge_reuses_answers_and_counts_position_bias_as_ties(tiny_run):
+    from megatron_selfreward.io import read_jsonl
+    from megatron_selfreward.stages.evaluate import run_evaluate
+
+    run_dir, _ = tiny_run
+    kept = {p: p.stat().st_mtime_ns for p in (run_dir / "eval").rglob("*.manifest.json")
+            if "head_to_head" not in p.name and "metrics" not in p.name}
+    # A judge that always answers "Output (a)" prefers whatever is shown first: every
+    # comparison disagrees across the two orders, so every one is a tie.
+    with _Server([(200, _completion("Output (a)"), 0.0)]) as server:
+        cfg = _tiny_cfg(run_dir, f"eval.judge={server.url}", "eval.judge_model=judge-x")
+        out = run_evaluate(cfg, run_dir, 2, run_dir / "models" / "M2", run_dir / "models" / "M1")
+    assert len(server.requests) == 6 and all(r["json"]["model"] == "judge-x" for r in server.requests)
+    h2h = json.loads(out.read_text())["head_to_head"]
+    assert (h2h["tie"], h2h["disagreements"], h2h["unjudged"], h2h["tie_rate"]) == (3, 3, 0, 1.0)
+    assert h2h["judge"] == f"{server.url} (judge-x)"
+    rows = read_jsonl(run_dir / "eval" / "M2" / "head_to_head.jsonl")
+    assert {r["raw_candidate_first"] for r in rows} == {"Output (a)"}
+    # Answers and RM judgements were reused, not regenerated.
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
