@@ -8,6 +8,8 @@
                                                             SFT or DPO (torchrun/srun for > 1 process)
     selfreward plan    [--config NAME|PATH] --gpus-per-node 8 --nodes N --gpu-mem-gib 80
                                                             per-GPU memory of every TP/PP/DP layout
+    selfreward report  --run-dir DIR                        report.md, plots and throughput.json
+                                                            of a run directory (finished or not)
 """
 
 from __future__ import annotations
@@ -114,6 +116,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from megatron_selfreward.report import load_run_config, write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--run-dir {run_dir} is not a directory")
+    print(write_report(load_run_config(run_dir), run_dir))
+    return 0
+
+
 def _train_init_dir(cfg, args: argparse.Namespace) -> Path | None:
     """--init, else the base model imported as the run's M0 (None: random init for test presets)."""
     if args.init:
@@ -189,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(func=cmd_convert)
+    report = sub.add_parser("report", help="write report/report.md, plots and throughput.json of a run")
+    report.add_argument("--run-dir", required=True, help="the run directory (pipeline.run_dir)")
+    report.set_defaults(func=cmd_report)
     train = sub.add_parser("train", help="SFT or DPO training (torchrun/srun for more than one process)")
     tasks = train.add_subparsers(dest="task", required=True)
     for task, data_help in [("sft", "SFTExample JSONL (default: the built-in IFT seed)"),

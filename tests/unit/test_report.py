@@ -1,0 +1,186 @@
+"""The run report: sections, valid PNGs and throughput.json from a synthetic run directory in
+the real file formats; a run directory with pieces missing still gets a report that says so."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_selfreward.config import load_config, save_resolved
+from megatron_selfreward.io import atomic_write_json, write_jsonl
+from megatron_selfreward.judging.parse import judgement_from_outputs
+from megatron_selfreward.judging.pairwise import summarize_outcomes
+from megatron_selfreward.records import PreferencePair, Prompt, RankedPrompt, Response
+from megatron_selfreward.report import PAPER_TABLE4, write_report
+from megatron_selfreward.stages.evaluate import (
+    judge_health_section,
+    lengths_section,
+    reward_model_section,
+)
+from megatron_selfreward.stages.manifest import write_manifest
+from tests.conftest import CONFIGS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SECTIONS = ("# Self-rewarding run report", "## What is missing", "## Judge health",
+            "## Prompts, responses and preference pairs per iteration", "## Reward-model metrics",
+            "## Head-to-head", "## Answer lengths", "## Training", "## Time per stage", "## Throughput")
+# Engine statistics per generating stage: (prefill tokens, prefill s, decode tokens, decode s).
+ENGINE = {"responses": (1200, 2.0, 300, 3.0), "judgements": (9000, 4.5, 700, 3.5)}
+
+
+def _manifest(output: Path, stage: str, wall_s: float, engine: tuple | None = None) -> None:
+    extra = {}
+    if engine:
+        prefill, prefill_s, decode, decode_s = engine
+        extra["engine"] = {"requests": 4, "samples": 16, "prefill_tokens_requested": prefill * 2,
+                           "prefill_tokens_computed": prefill, "prefill_time_s": prefill_s,
+                           "decode_tokens": decode, "decode_time_s": decode_s}
+    write_manifest(output, stage, {"inputs": {}, "params": {}}, {"records": 1}, time.time() - wall_s, extra)
+
+
+def _iteration(run_dir: Path, t: int, scores: list[list[str]]) -> None:
+    it = run_dir / f"iter{t}"
+    prompts = [Prompt(f"p{i}", f"instruction {i}") for i in range(len(scores) // 2)]
+    responses = [Response(f"p{i // 2}", f"p{i // 2}-r{i % 2}", "answer " * (i + 1), i + 1, "eos")
+                 for i in range(len(scores))]
+    judgements = [judgement_from_outputs(r.prompt_id, r.response_id, outs) for r, outs in zip(responses, scores)]
+    pairs = [PreferencePair(p.prompt_id, p.text, "good", "bad", 4.0, 2.0) for p in prompts[:1]]
+    for name, records in (("prompts", prompts), ("responses", responses), ("judgements", judgements),
+                          ("pairs", pairs)):
+        write_jsonl(it / f"{name}.jsonl", records)
+        _manifest(it / f"{name}.jsonl", name, 1.0 + t, ENGINE.get(name))
+
+
+def _training(directory: Path, steps: int, dpo: bool) -> list[dict]:
+    records = [{"step": s, "loss": 2.0 / s, "lr": 1e-5, "tokens": 1000 + 10 * s, "step_time_s": 0.5 + 0.1 * s,
+                "tokens_per_s": (1000 + 10 * s) / (0.5 + 0.1 * s),
+                **({"reward_accuracy": 0.5} if dpo else {"target_tokens": 500.0})} for s in range(1, steps + 1)]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _eval_metrics(cfg, run_dir: Path) -> None:
+    ranked = [RankedPrompt("e0", "rank these", ["best", "mid", "worst"], [0, 1, 2])]
+    rm = [judgement_from_outputs("e0", f"e0-h{i}", [f"Score: {5 - i}", f"Score: {5 - i}"]) for i in range(3)]
+    answers = {"M2": [Response("q0", "q0-M2", "long answer", 12, "eos")],
+               "M1": [Response("q0", "q0-M1", "short", 4, "length")]}
+    metrics = {"schema_version": 1, "model": "M2", "iteration": 2, "previous_model": "M1",
+               "reward_model": reward_model_section(ranked, rm),
+               "judge_health": judge_health_section(cfg, run_dir, 2),
+               "head_to_head": {"candidate": "M2", "baseline": "M1", "judge": "self (M2)", "prompts": 4,
+                                **summarize_outcomes(["win", "win", "tie", "unjudged"]), "disagreements": 1},
+               "lengths": lengths_section(answers), "files": {}, "wall_time_s": {}}
+    atomic_write_json(run_dir / "eval" / "M2" / "metrics.json", metrics)
+    _manifest(run_dir / "eval" / "M2" / "metrics.json", "evaluate", 7.0)
+
+
+@pytest.fixture()
+def full_run(tmp_path) -> tuple[Path, dict]:
+    run_dir = tmp_path / "run"
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"pipeline.run_dir={run_dir}", "pipeline.iterations=2"])
+    save_resolved(cfg, run_dir)
+    for name, stage in (("M0", "import_model"), ("M1", "train_sft"), ("M2", "train_dpo")):
+        (run_dir / "models" / name).mkdir(parents=True)
+        _manifest(run_dir / "models" / name, stage, 5.0)
+    _iteration(run_dir, 1, [["Score: 4"], ["Score: 2", "nothing"], ["Score: 3"], ["Score: 3"]])
+    _iteration(run_dir, 2, [["Score: 4"]] * 4)
+    training = {"SFT -> M1": _training(run_dir / "models" / "M1", 5, dpo=False),
+                "DPO -> M2": _training(run_dir / "models" / "M2", 3, dpo=True)}
+    _eval_metrics(cfg, run_dir)
+    return run_dir, training
+
+
+def _check_pngs(report: Path) -> set[str]:
+    text = report.read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    for rel in linked:
+        data = (report.parent / rel).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, rel
+    for png in (report.parent / "plots").glob("*.png"):
+        assert png.read_bytes().startswith(PNG_MAGIC)
+    return {Path(rel).name for rel in linked}
+
+
+def test_report_sections_plots_and_paper_reference(full_run):
+    run_dir, _ = full_run
+    report = write_report(load_config(run_dir / "config.yaml"), run_dir)
+    assert report == run_dir / "report" / "report.md"
+    text = report.read_text()
+    positions = [text.index(s) for s in SECTIONS]
+    assert positions == sorted(positions)
+    assert "Nothing: every part of the report had its inputs." in text
+    assert "| model | tiny (random) |" in text and "2 planned; found 1, 2" in text
+    assert _check_pngs(report) == {"score_histograms.png", "pairs_per_iteration.png", "reward_model_metrics.png",
+                                   "head_to_head.png", "training_loss.png", "stage_times.png"}
+    # Table 4 for reference, labelled as the paper's 70B numbers.
+    assert "paper M1 (Llama 2 70B)" in text and "78.7%" in text and "81.7%" in text
+    assert PAPER_TABLE4["M3"]["pairwise_accuracy"] == 0.817
+    # The synthetic judge ranks e0's responses perfectly.
+    assert "| pairwise acc. | 100.0% | 100.0% |" in text
+    # iter2: every mean is 4, a collapsed judge; iter1: one failed sample of 5.
+    assert "iter2: score bucket 4 holds 100.0%" in text
+    assert "| iter1 | M1 | 4 | 1/5 (20.0%) |" in text
+    assert "| M2 | M1 | self (M2) | 2 | 1 | 0 | 1 | 66.7% | 33.3% | 0.0% |" in text
+    assert "| M2 | M2 | 1 | 12 | 11 | 0.0% |" in text
+
+
+def test_throughput_json_matches_the_inputs(full_run):
+    run_dir, training = full_run
+    write_report(None, run_dir)
+    tp = json.loads((run_dir / "report" / "throughput.json").read_text())
+    gen = {row["stage"]: row for row in tp["generation"]}
+    assert set(gen) == {f"iter{t}/{name}" for t in (1, 2) for name in ENGINE}
+    for t in (1, 2):
+        for name, (prefill, prefill_s, decode, decode_s) in ENGINE.items():
+            row = gen[f"iter{t}/{name}"]
+            assert (row["prefill_tokens"], row["decode_tokens"]) == (prefill, decode)
+            assert row["prefill_tokens_per_s"] == pytest.approx(prefill / prefill_s)
+            assert row["decode_tokens_per_s"] == pytest.approx(decode / decode_s)
+            assert row["wall_time_s"] == pytest.approx(1.0 + t, abs=0.05)
+    train = {row["run"]: row for row in tp["training"]}
+    assert set(train) == set(training)
+    for label, records in training.items():
+        tokens = sum(r["tokens"] for r in records)
+        seconds = sum(r["step_time_s"] for r in records)
+        assert train[label]["steps"] == len(records)
+        assert train[label]["tokens"] == tokens
+        assert train[label]["tokens_per_s"] == pytest.approx(tokens / seconds)
+        assert train[label]["final_loss"] == records[-1]["loss"]
+
+
+def test_report_of_a_run_with_missing_pieces_says_what_is_missing(tmp_path):
+    run_dir = tmp_path / "partial"
+    write_jsonl(run_dir / "iter1" / "prompts.jsonl", [Prompt("p0", "hello")])
+    (run_dir / "eval" / "M2").mkdir(parents=True)
+    (run_dir / "eval" / "M2" / "metrics.json").write_text("{ not json")
+    (run_dir / "eval" / "M3").mkdir(parents=True)  # evaluation started, not finished
+    report = write_report(None, run_dir)
+    text = report.read_text()
+    for section in SECTIONS:
+        assert section in text
+    missing = text.split("## What is missing")[1].split("\n## ")[0]
+    assert "config.yaml" in missing
+    assert "iter1: no responses.jsonl, judgements.jsonl, pairs.jsonl" in missing
+    assert "eval/M2/metrics.json is unreadable" in missing
+    assert "eval/M3/metrics.json: evaluation of M3 not finished" in missing
+    assert "no training metrics.jsonl" in missing
+    assert text.count("_Not available:") >= 5
+    assert _check_pngs(report) == {"pairs_per_iteration.png"}
+    assert json.loads((run_dir / "report" / "throughput.json").read_text()) == {"generation": [], "training": []}
+
+
+def test_report_of_an_empty_run_dir_and_the_cli(tmp_path, capsys):
+    from megatron_selfreward.cli import main
+
+    run_dir = tmp_path / "empty"
+    run_dir.mkdir()
+    assert main(["report", "--run-dir", str(run_dir)]) == 0
+    assert capsys.readouterr().out.strip() == str(run_dir / "report" / "report.md")
+    text = (run_dir / "report" / "report.md").read_text()
+    assert "no iter<t>/ directories" in text and "no stage manifests" in text
+    assert main(["report", "--run-dir", str(tmp_path / "nowhere")]) == 2
