@@ -95,7 +95,9 @@ def parse_pairwise_verdict(text: str | None) -> PairwiseVerdict:
     labels = [(m.start(), (m.group(1) or m.group(2)).lower()) for m in _LABEL.finditer(cleaned)]
     if not labels:
         bare = _BARE.fullmatch(cleaned.strip(" \t\r\n*_`\"'"))
-        return PairwiseVerdict(bare.group(1).lower(), None) if bare else PairwiseVerdict(None, MISSING)  # type: ignore[arg-type]
+        if bare is None:
+            return PairwiseVerdict(None, MISSING)
+        return PairwiseVerdict(bare.group(1).lower(), None)  # type: ignore[arg-type]
     leading = {choice for pos, choice in labels if _is_line_start(cleaned, pos)}
     choices = leading or {choice for _, choice in labels}
     if len(choices) == 1:
