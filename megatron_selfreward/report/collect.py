@@ -12,8 +12,10 @@ next to every stage output (wall time, counts, engine statistics).
 
 from __future__ import annotations
 
+import calendar
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,18 @@ class StageTiming:
     engine: dict[str, Any] | None
     counts: dict[str, Any]
     finished_at: str = ""
+
+    @property
+    def finished_epoch_s(self) -> float | None:
+        try:
+            return float(calendar.timegm(time.strptime(self.finished_at, "%Y-%m-%dT%H:%M:%SZ")))
+        except ValueError:
+            return None
+
+    @property
+    def started_epoch_s(self) -> float | None:
+        finished = self.finished_epoch_s
+        return None if finished is None else finished - (self.wall_time_s or 0.0)
 
 
 @dataclass
@@ -152,8 +166,9 @@ def _stages(data: RunData) -> None:
             engine=engine if isinstance(engine, dict) and engine else None,
             counts=manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {},
             finished_at=str(manifest.get("finished_at", ""))))
-    # Run order: manifests are written last, so their finish times order the stages.
-    data.stages.sort(key=lambda s: (s.finished_at, s.label))
+    # Run order by start (finish - wall time): finish times have 1 s resolution, and a stage
+    # with sub-stages (evaluate) starts before them though it finishes after.
+    data.stages.sort(key=lambda s: (s.started_epoch_s or 0.0, s.label))
     if not data.stages:
         data.missing.append("no stage manifests (*.manifest.json): no stage times, no generation throughput")
 

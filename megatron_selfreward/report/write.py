@@ -80,16 +80,8 @@ NESTED_STAGE_PREFIXES = ("evaluate_",)
 
 def _elapsed_s(data: RunData) -> float | None:
     """First stage start (finish - wall time) to last finish, idle gaps and resumes included."""
-    import calendar
-
-    spans = []
-    for s in data.stages:
-        try:
-            finished = calendar.timegm(time.strptime(s.finished_at, "%Y-%m-%dT%H:%M:%SZ"))
-        except ValueError:
-            continue
-        spans.append((finished - (s.wall_time_s or 0.0), finished))
-    return max(f for _, f in spans) - min(b for b, _ in spans) if spans else None
+    spans = [(s.started_epoch_s, s.finished_epoch_s) for s in data.stages if s.finished_epoch_s is not None]
+    return max(f for _, f in spans) - min(b for b, _ in spans) if spans else None  # type: ignore[type-var]
 
 
 def _header(data: RunData) -> list[str]:
