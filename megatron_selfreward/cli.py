@@ -1,6 +1,7 @@
 """The `selfreward` command line.
 
     selfreward run     [--config NAME|PATH] [key=value ...]   the main job (default: SmolLM2 on CPU)
+    selfreward stage   NAME --iteration T [--config ...] [key=value ...]   one stage of the run's plan
     selfreward config  [--config NAME|PATH] [key=value ...]   print the resolved, validated config
     selfreward params  [--config NAME|PATH] [key=value ...]   parameter count (meta device)
     selfreward convert gguf-to-hf | hf-to-megatron | megatron-to-hf ...   checkpoint conversion
@@ -50,6 +51,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     summary = run(_load(args))
     print(format_summary(summary))
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from megatron_selfreward.pipeline.run import run_one
+
+    run_one(_load(args), args.name, args.iteration)
     return 0
 
 
@@ -183,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         _config_args(p)
         p.set_defaults(func=func)
+    stage = sub.add_parser("stage", help="run one stage of the plan by name (what a Slurm job runs)")
+    names = stage.add_subparsers(dest="name", required=True, metavar="NAME")
+    from megatron_selfreward.pipeline.plan import STAGE_NAMES
+
+    for name in STAGE_NAMES:
+        one = names.add_parser(name, help=f"the {name} stage")
+        one.add_argument("--iteration", type=int, default=0,
+                         help="0 for seed/EFT/SFT stages, t for iteration t; evaluate: the model index")
+        _config_args(one)
+        one.set_defaults(func=cmd_stage)
     plan = sub.add_parser("plan", help="per-GPU memory of each parallel layout, and which fit")
     _config_args(plan)
     plan.add_argument("--gpus-per-node", type=int, default=0,
@@ -230,6 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError) as err:
         print(f"selfreward: error: {err}", file=sys.stderr)
         return 2
+    except _input_errors() as err:
+        # Bad data or a stage that refused its inputs: the message says what and where.
+        print(f"selfreward: error: {err}", file=sys.stderr)
+        return 3
+
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    from megatron_selfreward.data.seed import SeedError
+    from megatron_selfreward.io import JsonlError
+    from megatron_selfreward.records import RecordError
+    from megatron_selfreward.stages.errors import StageError
+
+    return (StageError, SeedError, JsonlError, RecordError)
 
 
 if __name__ == "__main__":

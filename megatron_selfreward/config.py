@@ -147,7 +147,10 @@ class DPOConfig(OptimConfig):
 class PromptGenConfig:
     """Self-Instruct style prompt generation (paper section 4.1)."""
 
-    # "self" = the model being trained; otherwise a model source string like model.path.
+    # self_instruct: the paper's method. seed: instructions drawn from the seed's IFT prompts
+    # instead (a deviation for models too small to self-instruct: the random-init test preset).
+    source: Literal["self_instruct", "seed"] = "self_instruct"
+    # "self" = the model being trained (paper appendix A.5); else a model directory.
     generator: str = "self"
     num_prompts: int = 16
     shots_ift: int = 6

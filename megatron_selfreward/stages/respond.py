@@ -4,6 +4,9 @@ sample:  N responses per prompt from the current model M_t (T 0.7, top-p 0.9).
 judge:   the same M_t scores each response with the Figure 2 prompt, k samples each; parse
          failures are kept, counted and excluded from the mean (never scored 0).
 pairs:   highest vs lowest mean score per prompt; ties and prompts with < 2 scored are dropped.
+
+Sampling and judging run in resumable shards of `pipeline.shard_size` items (`stages/shards.py`):
+a killed stage continues from its last finished shard and produces the same records.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from megatron_selfreward.judging.parse import judgement_from_outputs
 from megatron_selfreward.judging.prompt import load_template, render_judge_prompt
 from megatron_selfreward.records import Judgement, PreferencePair, Prompt, Response
 from megatron_selfreward.stages.manifest import fingerprint, is_done, manifest_path, write_manifest
+from megatron_selfreward.stages.shards import clear_shards, run_sharded
 from megatron_selfreward.tokenizer import Tokenizer, render_chat
 
 
@@ -37,35 +41,54 @@ def _texts(engine: Any, requests: list[GenerationRequest]) -> dict[str, list[Any
     return {r.request_id: r.samples for r in engine.generate(requests)} if requests else {}
 
 
+def sampling_params(cfg: Config) -> dict[str, Any]:
+    """The config values sampled responses depend on (the stage fingerprint's params)."""
+    g = cfg.generation
+    return {"n": g.responses_per_prompt, "temperature": g.temperature, "top_p": g.top_p,
+            "top_k": g.top_k, "max_new_tokens": g.max_new_tokens, "seed": cfg.pipeline.seed}
+
+
+def judge_params(cfg: Config) -> dict[str, Any]:
+    j = cfg.judge
+    return {"k": j.samples_per_response, "temperature": j.temperature, "top_p": j.top_p,
+            "max_new_tokens": j.max_new_tokens, "template": j.template, "seed": cfg.pipeline.seed}
+
+
+def _generated(engine: Any, entries: Sequence[tuple[Any, GenerationRequest | None]]
+               ) -> list[tuple[Any, list[Any] | None]]:
+    """(item, samples or None when the item had no request) for one shard."""
+    samples = _texts(engine, [req for _, req in entries if req is not None])
+    return [(item, samples[req.request_id] if req is not None else None) for item, req in entries]
+
+
 def run_sample_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_path: Path,
                          model_manifest: Path, out: Path) -> list[Response]:
     g = cfg.generation
-    fp = fingerprint({"prompts": prompts_path, "model": model_manifest},
-                     {"n": g.responses_per_prompt, "temperature": g.temperature, "top_p": g.top_p,
-                      "top_k": g.top_k, "max_new_tokens": g.max_new_tokens, "seed": cfg.pipeline.seed})
+    fp = fingerprint({"prompts": prompts_path, "model": model_manifest}, sampling_params(cfg))
     if is_done(out, fp):
         return read_records(out, Response)
     started = time.time()
     prompts = read_records(prompts_path, Prompt)
     params = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                             max_new_tokens=g.max_new_tokens, n=g.responses_per_prompt)
-    requests, too_long = [], 0
+    entries = []  # a prompt too long for the context gets no request: skipped and counted
     for p in prompts:
         ids = chat_ids(cfg, tokenizer, p.text)
-        if not _fits(cfg, ids, g.max_new_tokens):
-            too_long += 1
-            continue
-        requests.append(GenerationRequest(p.prompt_id, ids, params))
-    samples = _texts(engine, requests)
-    responses = [
-        Response(prompt_id=pid, response_id=f"{pid}-r{i}", text=s.text.strip(),
-                 num_tokens=len(s.token_ids), finish_reason=s.finish_reason)
-        for pid, outs in samples.items() for i, s in enumerate(outs)
-    ]
-    write_jsonl(out, responses)
+        entries.append((p, GenerationRequest(p.prompt_id, ids, params)
+                        if _fits(cfg, ids, g.max_new_tokens) else None))
+
+    def process(shard: Sequence[tuple[Prompt, GenerationRequest | None]]) -> list[Response]:
+        return [Response(prompt_id=p.prompt_id, response_id=f"{p.prompt_id}-r{i}", text=s.text.strip(),
+                         num_tokens=len(s.token_ids), finish_reason=s.finish_reason)
+                for p, outs in _generated(engine, shard) if outs is not None
+                for i, s in enumerate(outs)]
+
+    responses, reused = run_sharded(entries, cfg.pipeline.shard_size, out, fp, process, Response)
+    too_long = sum(req is None for _, req in entries)
     write_manifest(out, "sample_responses", fp,
                    {"prompts": len(prompts), "responses": len(responses), "prompts_too_long": too_long},
-                   started, {"engine": dict(engine.stats)})
+                   started, {"engine": dict(engine.stats), "shards_reused": reused})
+    clear_shards(out)
     return responses
 
 
@@ -80,9 +103,7 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
                         responses_path: Path, model_manifest: Path, out: Path) -> list[Judgement]:
     j = cfg.judge
     fp = fingerprint({"prompts": prompts_path, "responses": responses_path, "model": model_manifest},
-                     {"k": j.samples_per_response, "temperature": j.temperature, "top_p": j.top_p,
-                      "max_new_tokens": j.max_new_tokens, "template": j.template,
-                      "seed": cfg.pipeline.seed})
+                     judge_params(cfg))
     if is_done(out, fp):
         return read_records(out, Judgement)
     started = time.time()
@@ -91,26 +112,26 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
     responses = read_records(responses_path, Response)
     params = SamplingParams(temperature=j.temperature, top_p=j.top_p,
                             max_new_tokens=j.max_new_tokens, n=j.samples_per_response)
-    requests, too_long = [], []
+    entries = []
     for r in responses:
         ids = chat_ids(cfg, tokenizer, render_judge_prompt(prompt_text[r.prompt_id], r.text, template))
-        if _fits(cfg, ids, j.max_new_tokens):
-            requests.append(GenerationRequest(r.response_id, ids, params))
-        else:
-            too_long.append(r.response_id)
-    samples = _texts(engine, requests)
-    judgements = [
-        judgement_from_outputs(r.prompt_id, r.response_id, [s.text for s in samples[r.response_id]],
-                               j.score_low, j.score_high)
-        if r.response_id in samples else _unjudged(r)
-        for r in responses
-    ]
-    write_jsonl(out, judgements)
+        entries.append((r, GenerationRequest(r.response_id, ids, params)
+                        if _fits(cfg, ids, j.max_new_tokens) else None))
+
+    def process(shard: Sequence[tuple[Response, GenerationRequest | None]]) -> list[Judgement]:
+        return [judgement_from_outputs(r.prompt_id, r.response_id, [s.text for s in outs],
+                                       j.score_low, j.score_high)
+                if outs is not None else _unjudged(r)
+                for r, outs in _generated(engine, shard)]
+
+    judgements, reused = run_sharded(entries, cfg.pipeline.shard_size, out, fp, process, Judgement)
     failures = Counter(reason for jd in judgements for reason in jd.failure_reasons if reason)
     write_manifest(out, "judge_responses", fp,
                    {"responses": len(responses), "judge_samples": sum(len(jd.raw_outputs) for jd in judgements),
-                    "parse_failures": dict(failures), "too_long_to_judge": len(too_long)},
-                   started, {"engine": dict(engine.stats)})
+                    "parse_failures": dict(failures),
+                    "too_long_to_judge": sum(req is None for _, req in entries)},
+                   started, {"engine": dict(engine.stats), "shards_reused": reused})
+    clear_shards(out)
     return judgements
 
 

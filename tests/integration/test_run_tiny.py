@@ -1,4 +1,8 @@
-"""`selfreward run` on the tiny preset: the produced files, their manifests, and resume."""
+"""`selfreward run` on the tiny preset: the whole loop M0 -> M1 -> M2, its files, and resume.
+
+The seed is `tests/score_seed.py`'s (a random-init model learns to write "Score: k" from it), so
+the iteration yields real preference pairs and DPO trains M2 on them.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from megatron_selfreward.io import read_records
-from megatron_selfreward.records import Judgement, Prompt, Response
+from megatron_selfreward.records import Judgement, PreferencePair, Prompt, Response
 from tests.conftest import REPO
+from tests.score_seed import SCORE_SFT_OVERRIDES, write_score_seed
 
 
 def selfreward(*args: str) -> subprocess.CompletedProcess:
@@ -21,17 +26,46 @@ def selfreward(*args: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+def run_args(run_dir: Path, seed: Path, *extra: str) -> list[str]:
+    return ["run", "--config", "tiny", f"pipeline.run_dir={run_dir}", f"data.seed={seed}",
+            *SCORE_SFT_OVERRIDES, *extra]
+
+
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "tiny"
-    proc = selfreward("run", "--config", "tiny", f"pipeline.run_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def tiny_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    root = tmp_path_factory.mktemp("run")
+    seed = write_score_seed(root / "seed")
+    out = root / "tiny"
+    proc = selfreward(*run_args(out, seed))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, seed, proc.stdout
 
 
 @pytest.mark.slow
-def test_run_writes_every_stage_output_with_consistent_counts(run_dir: Path):
-    it = run_dir / "iter1"
+def test_run_trains_m1_and_m2_and_writes_every_stage(tiny_run):
+    run_dir, _, stdout = tiny_run
+    for model in ("M0", "M1", "M2"):
+        assert (run_dir / "models" / model / "megatron" / "metadata.json").is_file()
+        assert (run_dir / "models" / f"{model}.manifest.json").is_file()
+    assert (run_dir / "eval" / "M2" / "metrics.json").is_file()
+    for model in ("M1", "M2"):
+        assert (run_dir / "models" / model / "metrics.jsonl").is_file()
+        assert not (run_dir / "models" / model / "checkpoints").exists()  # removed once finished
+    for name in ("ift", "ranked_train", "eft_eval", "eval_prompts", "eft_train"):
+        assert (run_dir / "seed" / f"{name}.jsonl").is_file()
+    assert (run_dir / "seed" / "ift.manifest.json").is_file()
+    assert (run_dir / "seed" / "eft_train.manifest.json").is_file()
+    sft = json.loads((run_dir / "models" / "M1.manifest.json").read_text())
+    assert sft["counts"]["ift_examples"] == 72 and sft["counts"]["steps"] == 200
+    dpo = json.loads((run_dir / "models" / "M2.manifest.json").read_text())
+    pairs = read_records(run_dir / "iter1" / "pairs.jsonl", PreferencePair)
+    assert len(pairs) > 0 and dpo["counts"]["pairs"] == len(pairs)
+    assert "[1/" in stdout and "train_dpo (iteration 1)" in stdout and "ETA" in stdout
+
+
+@pytest.mark.slow
+def test_iteration_files_have_consistent_counts(tiny_run):
+    it = tiny_run[0] / "iter1"
     prompts = read_records(it / "prompts.jsonl", Prompt)
     responses = read_records(it / "responses.jsonl", Response)
     judgements = read_records(it / "judgements.jsonl", Judgement)
@@ -44,28 +78,47 @@ def test_run_writes_every_stage_output_with_consistent_counts(run_dir: Path):
         # A failed parse is excluded, never scored 0.
         for score, reason in zip(j.sample_scores, j.failure_reasons):
             assert (score is None) == (reason is not None)
-        assert j.mean_score is None or j.mean_score == pytest.approx(
-            sum(s for s in j.sample_scores if s is not None) / sum(s is not None for s in j.sample_scores))
     manifest = json.loads((it / "judgements.manifest.json").read_text())
     failures = sum(r is not None for j in judgements for r in j.failure_reasons)
     assert sum(manifest["counts"]["parse_failures"].values()) == failures
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "models" / "M0.manifest.json").is_file()
-    for name in ("responses", "judgements", "pairs"):
+    assert not (it / "responses.shards").exists() and not (it / "judgements.shards").exists()
+    for name in ("prompts", "responses", "judgements", "pairs"):
         assert json.loads((it / f"{name}.manifest.json").read_text())["fingerprint"]["inputs"]
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_stages_and_config_change_reruns_downstream(run_dir: Path):
+def test_rerun_skips_everything_and_a_judge_change_reruns_downstream_only(tiny_run):
+    run_dir, seed, _ = tiny_run
+    manifests = sorted(run_dir.rglob("*.manifest.json"))
+    before = {p: p.stat().st_mtime_ns for p in manifests}
+    proc = selfreward(*run_args(run_dir, seed))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage_lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    # Every stage is skipped; the report (if the run has one) is always rewritten.
+    assert all(line.endswith("(done)") for line in stage_lines if "] report" not in line), stage_lines
+    manifests = [p for p in manifests if "report" not in p.parts]
+    assert {p: p.stat().st_mtime_ns for p in manifests} == {p: before[p] for p in manifests}
+    proc = selfreward(*run_args(run_dir, seed, "judge.temperature=0.5"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = {p: p.stat().st_mtime_ns for p in manifests}
     it = run_dir / "iter1"
-    before = {p.name: p.stat().st_mtime_ns for p in it.glob("*.manifest.json")}
-    proc = selfreward("run", "--config", "tiny", f"pipeline.run_dir={run_dir}")
+    assert after[it / "responses.manifest.json"] == before[it / "responses.manifest.json"]
+    assert after[run_dir / "models" / "M1.manifest.json"] == before[run_dir / "models" / "M1.manifest.json"]
+    assert after[it / "judgements.manifest.json"] != before[it / "judgements.manifest.json"]
+
+
+@pytest.mark.slow
+def test_stage_command_runs_one_stage_by_name(tiny_run):
+    run_dir, seed, _ = tiny_run
+    args = ["--config", "tiny", f"pipeline.run_dir={run_dir}", f"data.seed={seed}", *SCORE_SFT_OVERRIDES]
+    (run_dir / "iter1" / "pairs.manifest.json").unlink()
+    proc = selfreward("stage", "build_pairs", "--iteration", "1", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert {p.name: p.stat().st_mtime_ns for p in it.glob("*.manifest.json")} == before
-    proc = selfreward("run", "--config", "tiny", f"pipeline.run_dir={run_dir}", "judge.temperature=0.5")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    after = {p.name: p.stat().st_mtime_ns for p in it.glob("*.manifest.json")}
-    assert after["responses.manifest.json"] == before["responses.manifest.json"]
-    assert after["judgements.manifest.json"] != before["judgements.manifest.json"]
+    assert (run_dir / "iter1" / "pairs.manifest.json").is_file()
+    proc = selfreward("stage", "build_pairs", "--iteration", "1", *args)
+    assert proc.returncode == 0 and "(done)" in proc.stdout
+    proc = selfreward("stage", "train_dpo", "--iteration", "7", *args)
+    assert proc.returncode == 2 and "sample_responses --iteration 1" in proc.stderr
 
 
 def test_bad_override_is_a_clear_error_and_exit_code_2():

@@ -1,0 +1,217 @@
+"""The local executor: run a plan's stages in order on this machine, in this process.
+
+Every stage runs by name from its `StageSpec` (`STAGES` maps names to small adapters over the
+stage functions), so the same spec can be handed to another executor, or to
+`selfreward stage <name> --iteration t`. Before running a stage the executor compares the
+manifest next to its main output with the spec's fingerprint: a match means done, and the stage
+is skipped. After it the manifest is written last (stages that manage their own manifest, such
+as the sharded sample/judge stages, write it themselves).
+
+Models are loaded once per stage group: `StageContext.policy(dir)` keeps the last policy, so
+sampling and judging with M_t share one load, and training stages drop it first to free memory.
+World size 1 runs everything inside one gloo process group; training stages reuse it.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from megatron_selfreward.config import Config, save_resolved
+from megatron_selfreward.pipeline.plan import StageSpec, model_dir, spec_fingerprint
+from megatron_selfreward.stages.manifest import is_done, manifest_path, write_manifest
+
+Log = Callable[[str], None]
+
+# Rough relative cost of each stage on a CPU run, only for the ETA.
+COST = {"prepare_seed": 0.1, "import_model": 1, "train_sft_baseline": 6, "build_eft": 4,
+        "train_sft": 8, "generate_prompts": 2, "sample_responses": 3, "judge_responses": 5,
+        "build_pairs": 0.1, "train_dpo": 4, "evaluate": 5, "report": 0.2}
+# Stages whose functions check their own fingerprint and write their own manifest.
+SELF_MANAGED = {"import_model", "sample_responses", "judge_responses", "build_pairs", "evaluate", "report"}
+# The report summarises whatever the run holds: always rewritten (it takes a second).
+NO_PRECHECK = {"report"}
+
+
+class StageContext:
+    """What stages share within one executor run: the run directory and a one-model cache."""
+
+    def __init__(self, cfg: Config, log: Log) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.pipeline.run_dir)
+        self.log = log
+        self._policy: tuple[Path, Any] | None = None
+
+    def policy(self, directory: Path) -> Any:
+        from megatron_selfreward.policy import load_policy
+
+        if self._policy is None or self._policy[0] != directory:
+            self.release()
+            self._policy = (directory, load_policy(self.cfg, directory))
+        return self._policy[1]
+
+    def release(self) -> None:
+        self._policy = None
+        gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters: StageSpec -> stage function. Each returns manifest counts, or None when the stage
+# wrote its own manifest.
+
+
+def _prepare_seed(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
+    from megatron_selfreward.stages.seed import run_prepare_seed
+
+    return run_prepare_seed(cfg, spec.outputs)
+
+
+def _import_model(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+    from megatron_selfreward.stages.import_model import run_import_model
+
+    run_import_model(cfg, ctx.run_dir)
+
+
+def _build_eft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
+    from megatron_selfreward.stages.seed import run_build_eft
+
+    return run_build_eft(cfg, spec.inputs["ranked_train"], ctx.policy(spec.inputs["model"]), spec.output)
+
+
+def _train_sft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
+    from megatron_selfreward.stages.train import prepare_out_dir, run_train_sft
+
+    ctx.release()
+    prepare_out_dir(spec.output, spec_fingerprint(spec))
+    data = {k: v for k, v in spec.inputs.items() if k != "init"}
+    return run_train_sft(cfg, data, spec.inputs["init"], spec.output)
+
+
+def _generate_prompts(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
+    from megatron_selfreward.stages.prompts import run_generate_prompts
+
+    earlier = [p for k, p in spec.inputs.items() if k.startswith("prompts_iter")]
+    self_instruct = cfg.generation.prompts.source == "self_instruct"
+    policy = ctx.policy(spec.inputs["generator"]) if self_instruct else None
+    return run_generate_prompts(cfg, spec.iteration, spec.inputs["ift"], earlier, policy, spec.output)
+
+
+def _sample_responses(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+    from megatron_selfreward.stages.respond import run_sample_responses
+
+    policy = ctx.policy(spec.inputs["model"])
+    run_sample_responses(cfg, policy.engine, policy.tokenizer, spec.inputs["prompts"],
+                         manifest_path(spec.inputs["model"]), spec.output)
+
+
+def _judge_responses(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+    from megatron_selfreward.stages.respond import run_judge_responses
+
+    policy = ctx.policy(spec.inputs["model"])
+    run_judge_responses(cfg, policy.engine, policy.tokenizer, spec.inputs["prompts"],
+                        spec.inputs["responses"], manifest_path(spec.inputs["model"]), spec.output)
+
+
+def _build_pairs(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+    from megatron_selfreward.stages.respond import run_build_pairs
+
+    i = spec.inputs
+    run_build_pairs(i["prompts"], i["responses"], i["judgements"], spec.output)
+
+
+def _train_dpo(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
+    from megatron_selfreward.stages.train import prepare_out_dir, run_train_dpo
+
+    ctx.release()
+    prepare_out_dir(spec.output, spec_fingerprint(spec))
+    return run_train_dpo(cfg, spec.iteration, spec.inputs["pairs"], spec.inputs["init"], spec.output)
+
+
+def _evaluate(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+    from megatron_selfreward.stages.evaluate import run_evaluate  # type: ignore[import-not-found]
+
+    ctx.release()
+    prev = spec.inputs.get("prev_model")
+    run_evaluate(cfg, ctx.run_dir, spec.iteration, spec.inputs["model"], prev)
+
+
+def _report(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+    from megatron_selfreward.report import write_report  # type: ignore[import-not-found]
+
+    write_report(cfg, ctx.run_dir)
+
+
+STAGES: dict[str, Callable[[Config, StageSpec, StageContext], dict[str, Any] | None]] = {
+    "prepare_seed": _prepare_seed, "import_model": _import_model, "train_sft_baseline": _train_sft,
+    "build_eft": _build_eft, "train_sft": _train_sft, "generate_prompts": _generate_prompts,
+    "sample_responses": _sample_responses, "judge_responses": _judge_responses,
+    "build_pairs": _build_pairs, "train_dpo": _train_dpo, "evaluate": _evaluate, "report": _report,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def stage_done(spec: StageSpec) -> bool:
+    if spec.name in NO_PRECHECK:
+        return False
+    return is_done(spec.output, spec_fingerprint(spec)) and all(p.exists() for p in spec.outputs.values())
+
+
+def run_stage(cfg: Config, spec: StageSpec, ctx: StageContext) -> bool:
+    """Run one stage unless done; True when it ran."""
+    if stage_done(spec):
+        return False
+    started = time.time()
+    fp = spec_fingerprint(spec)  # of the inputs as they are now, before the stage reads them
+    counts = STAGES[spec.name](cfg, spec, ctx)
+    if spec.name not in SELF_MANAGED:
+        write_manifest(spec.output, spec.name, fp, counts or {}, started, {"iteration": spec.iteration})
+    return True
+
+
+def _eta(spent_s: float, cost_done: float, cost_left: float) -> str:
+    if cost_done <= 0 or cost_left <= 0:
+        return ""
+    seconds = int(spent_s / cost_done * cost_left)
+    return f", ETA ~{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run_local(cfg: Config, stages: list[StageSpec], log: Log = print) -> dict[str, Any]:
+    """Run every stage of `stages` in order; returns {stages_run, stages_done, wall_time_s}."""
+    from megatron_selfreward.megatron.parallel import single_process_world
+
+    run_dir = Path(cfg.pipeline.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir)
+    started = time.time()
+    ran, skipped = [], []
+    spent, cost_done = 0.0, 0.0
+    cost_left = sum(COST.get(s.name, 1) for s in stages)
+    with single_process_world(cfg.pipeline.seed):
+        ctx = StageContext(cfg, log)
+        for i, spec in enumerate(stages, start=1):
+            head = f"[{i}/{len(stages)}] {spec.label}"
+            cost = COST.get(spec.name, 1)
+            cost_left -= cost
+            if stage_done(spec):
+                skipped.append(spec.label)
+                log(f"{head} (done)")
+                continue
+            log(f"{head} -> {spec.output}")
+            t0 = time.time()
+            run_stage(cfg, spec, ctx)
+            took = time.time() - t0
+            spent, cost_done = spent + took, cost_done + cost
+            ran.append(spec.label)
+            log(f"      {spec.name} finished in {took:.1f} s{_eta(spent, cost_done, cost_left)}")
+        ctx.release()
+    return {"run_dir": str(run_dir), "stages_run": ran, "stages_done": skipped,
+            "wall_time_s": round(time.time() - started, 1), "last_model": str(_last_model(cfg))}
+
+
+def _last_model(cfg: Config) -> Path:
+    return model_dir(Path(cfg.pipeline.run_dir), cfg.pipeline.iterations + 1)

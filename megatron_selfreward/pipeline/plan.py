@@ -1,0 +1,205 @@
+"""The iteration schedule as data: `plan(cfg)` expands a config into an ordered list of stages.
+
+Each `StageSpec` names a stage (a verb from `stages/`), the iteration it belongs to, the files it
+reads and writes, whether it is a multi-process (torchrun / srun) job, and the config values its
+result depends on (`params`). Executors (`pipeline/local.py`; a Slurm executor later) run the list
+in order; nothing decides the schedule anywhere else. A stage is done when the manifest next to
+its first output matches `spec_fingerprint(spec)`.
+
+    prepare_seed -> import_model(M0) -> [train_sft_baseline] -> build_eft -> train_sft(M1)
+    for t in 1..T: generate_prompts -> sample_responses -> judge_responses -> build_pairs
+                   -> train_dpo(M_{t+1}) -> evaluate(M_{t+1})
+    [report]
+
+`evaluate` (stages/evaluate.py) reports on each new model against the one before it; `report`
+joins the plan when `megatron_selfreward.report` exists (it is written separately).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_selfreward.config import Config, ConfigError
+from megatron_selfreward.stages.manifest import fingerprint, manifest_path
+from megatron_selfreward.stages.respond import judge_params, sampling_params
+
+SEED_FILES = ("ift", "ranked_train", "eft_eval", "eval_prompts")
+STAGE_NAMES = ("prepare_seed", "import_model", "train_sft_baseline", "build_eft", "train_sft",
+               "generate_prompts", "sample_responses", "judge_responses", "build_pairs", "train_dpo",
+               "evaluate", "report")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    iteration: int
+    inputs: dict[str, Path]
+    outputs: dict[str, Path]
+    distributed: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output(self) -> Path:
+        """The main output: its manifest marks the stage done."""
+        return next(iter(self.outputs.values()))
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (iteration {self.iteration})" if self.iteration else self.name
+
+
+def model_dir(run_dir: Path, index: int) -> Path:
+    return run_dir / "models" / f"M{index}"
+
+
+def iter_dir(run_dir: Path, t: int) -> Path:
+    return run_dir / f"iter{t}"
+
+
+def spec_fingerprint(spec: StageSpec) -> dict[str, Any]:
+    """Content hashes of the inputs + params. A model directory counts by its manifest (which
+    fingerprints how it was made) rather than by hashing gigabytes of weights."""
+    inputs = {}
+    for name, path in spec.inputs.items():
+        manifest = manifest_path(path)
+        inputs[name] = manifest if path.is_dir() and manifest.is_file() else path
+    return fingerprint(inputs, spec.params)
+
+
+def _optional_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def has_report() -> bool:
+    return _optional_module("megatron_selfreward.report")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages and their parameters (the config values each stage's output depends on)
+
+
+def _import_spec(cfg: Config, run_dir: Path) -> StageSpec:
+    # Mirrors run_import_model's own fingerprint, so a finished import shows as done.
+    from megatron_selfreward.stages.import_model import resolve_model_path
+
+    m = cfg.model
+    source = resolve_model_path(m.path) if m.source != "random" else None
+    inputs = {"source": source} if source and source.is_file() else {}
+    params = {"source": m.source, "path": str(source or ""), "seed": cfg.pipeline.seed}
+    return StageSpec("import_model", 0, inputs, {"model": model_dir(run_dir, 0)}, params=params)
+
+
+def _eft_judge_dir(cfg: Config, run_dir: Path) -> Path:
+    choice = cfg.data.eft_judge
+    if choice == "base":
+        return model_dir(run_dir, 0)
+    if choice == "sft_baseline":
+        return run_dir / "models" / "SFT"
+    path = Path(choice).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"config key 'data.eft_judge': {path} is not a model directory "
+                          "(use 'base', 'sft_baseline' or a dir with megatron/ or hf/)")
+    return path
+
+
+def _seed_stages(cfg: Config, run_dir: Path) -> list[StageSpec]:
+    seed = run_dir / "seed"
+    d = cfg.data
+    files = {name: seed / f"{name}.jsonl" for name in SEED_FILES}
+    source = Path(d.seed).expanduser() if d.seed != "builtin" else None
+    prepare = StageSpec("prepare_seed", 0, {"seed": source} if source else {}, files,
+                        params={"seed": d.seed, "eft_eval_fraction": d.eft_eval_fraction,
+                                "split_seed": cfg.pipeline.seed})
+    stages = [prepare, _import_spec(cfg, run_dir)]
+    m0, judge = model_dir(run_dir, 0), _eft_judge_dir(cfg, run_dir)
+    sft = _optim_params(cfg, "sft")
+    if d.eft_judge == "sft_baseline":
+        stages.append(StageSpec("train_sft_baseline", 0, {"ift": files["ift"], "init": m0},
+                                {"model": judge}, distributed=True, params=sft))
+    stages.append(StageSpec(
+        "build_eft", 0, {"ranked_train": files["ranked_train"], "model": judge},
+        {"eft_train": seed / "eft_train.jsonl"},
+        params={**judge_params(cfg), "k": 1, "max_prompts": d.eft_max_prompts,
+                "max_bucket_fraction": d.eft_max_bucket_fraction}))
+    stages.append(StageSpec("train_sft", 0, {"ift": files["ift"], "eft_train": seed / "eft_train.jsonl",
+                                             "init": m0},
+                            {"model": model_dir(run_dir, 1)}, distributed=True, params=sft))
+    return stages
+
+
+def _optim_params(cfg: Config, section: str) -> dict[str, Any]:
+    import dataclasses
+
+    opt = getattr(cfg, section)
+    return {**dataclasses.asdict(opt), "dropout": [cfg.model.hidden_dropout, cfg.model.attention_dropout],
+            "parallel": dataclasses.asdict(cfg.parallel), "dtype": cfg.precision.params_dtype}
+
+
+def _prompt_params(cfg: Config) -> dict[str, Any]:
+    import dataclasses
+
+    return {**dataclasses.asdict(cfg.generation.prompts), "seed": cfg.pipeline.seed}
+
+
+def _iteration_stages(cfg: Config, run_dir: Path, t: int) -> list[StageSpec]:
+    it, model = iter_dir(run_dir, t), model_dir(run_dir, t)
+    prompts, responses = it / "prompts.jsonl", it / "responses.jsonl"
+    judgements, pairs = it / "judgements.jsonl", it / "pairs.jsonl"
+    gen = cfg.generation.prompts.generator
+    generator = model if gen == "self" else Path(gen).expanduser()
+    earlier = {f"prompts_iter{s}": iter_dir(run_dir, s) / "prompts.jsonl" for s in range(1, t)}
+    stages = [
+        StageSpec("generate_prompts", t, {"ift": run_dir / "seed" / "ift.jsonl", "generator": generator,
+                                          **earlier},
+                  {"prompts": prompts}, params=_prompt_params(cfg)),
+        StageSpec("sample_responses", t, {"prompts": prompts, "model": model}, {"responses": responses},
+                  params=sampling_params(cfg)),
+        StageSpec("judge_responses", t, {"prompts": prompts, "responses": responses, "model": model},
+                  {"judgements": judgements}, params=judge_params(cfg)),
+        StageSpec("build_pairs", t, {"prompts": prompts, "responses": responses,
+                                     "judgements": judgements}, {"pairs": pairs}),
+        StageSpec("train_dpo", t, {"pairs": pairs, "init": model}, {"model": model_dir(run_dir, t + 1)},
+                  distributed=True, params=_optim_params(cfg, "dpo")),
+    ]
+    stages.append(_evaluate_spec(cfg, run_dir, t + 1))
+    return stages
+
+
+def _evaluate_spec(cfg: Config, run_dir: Path, index: int) -> StageSpec:
+    # Mirrors stages.evaluate's own fingerprint (evaluate_inputs / evaluate_params).
+    from megatron_selfreward.stages.evaluate import evaluate_params
+
+    seed = run_dir / "seed"
+    prompts = seed / "eval_prompts.jsonl"
+    if cfg.data.eval_prompts == "alpaca_eval":
+        from megatron_selfreward.data.alpaca_eval import CACHE_FILE
+
+        prompts = seed / CACHE_FILE
+    inputs = {"model": model_dir(run_dir, index), "eft_eval": seed / "eft_eval.jsonl", "eval_prompts": prompts}
+    if index > 0:
+        inputs["prev_model"] = model_dir(run_dir, index - 1)
+    return StageSpec("evaluate", index, inputs, {"metrics": run_dir / "eval" / f"M{index}" / "metrics.json"},
+                     params=evaluate_params(cfg))
+
+
+def plan(cfg: Config) -> list[StageSpec]:
+    """Every stage of the run, in the order an executor must run them."""
+    run_dir = Path(cfg.pipeline.run_dir)
+    stages = _seed_stages(cfg, run_dir)
+    for t in range(1, cfg.pipeline.iterations + 1):
+        stages += _iteration_stages(cfg, run_dir, t)
+    if has_report():
+        stages.append(StageSpec("report", 0, {}, {"report": run_dir / "report" / "report.md"}))
+    return stages
+
+
+def find_stage(stages: list[StageSpec], name: str, iteration: int) -> StageSpec:
+    for spec in stages:
+        if spec.name == name and spec.iteration == iteration:
+            return spec
+    known = sorted({f"{s.name} --iteration {s.iteration}" for s in stages})
+    raise ConfigError(f"no stage {name!r} at iteration {iteration} in this config's plan; "
+                      f"the plan has: {', '.join(known)}")

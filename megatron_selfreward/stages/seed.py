@@ -1,0 +1,64 @@
+"""Stages `prepare_seed` and `build_eft`: the run's copy of the seed and the EFT judge data.
+
+prepare_seed: the seed (built-in or a user directory) written into `seed/` as the run's own
+  files: `ift.jsonl`, `ranked_train.jsonl` + `eft_eval.jsonl` (the ranked prompts split by a hash
+  of their ids, `data.eft_eval_fraction` held out for reward-model metrics) and
+  `eval_prompts.jsonl`. An empty or malformed seed fails here, naming file and line.
+build_eft (paper 2.2): the EFT judge model scores every response of every ranked train prompt
+  once with the Figure 2 prompt (T 0.7 / top-p 0.9 - our default, the paper is silent); prompts
+  whose scores order the responses as the humans did become judge-training examples, then no
+  score may hold more than `data.eft_max_bucket_fraction` of them (`data.oasst.build_eft`).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from megatron_selfreward.config import Config
+from megatron_selfreward.data.oasst import build_eft
+from megatron_selfreward.data.seed import load_builtin_seed, load_seed_dir, split_ranked
+from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams
+from megatron_selfreward.io import read_records, write_jsonl
+from megatron_selfreward.judging.prompt import render_judge_prompt
+from megatron_selfreward.records import RankedPrompt
+from megatron_selfreward.stages.respond import chat_ids
+
+
+def run_prepare_seed(cfg: Config, outputs: dict[str, Path]) -> dict[str, Any]:
+    d = cfg.data
+    seed = load_builtin_seed() if d.seed == "builtin" else load_seed_dir(Path(d.seed).expanduser())
+    train, held_out = split_ranked(seed.ranked, d.eft_eval_fraction, cfg.pipeline.seed)
+    # The main output (ift) last: a crash in between leaves the stage visibly unfinished.
+    write_jsonl(outputs["ranked_train"], train)
+    write_jsonl(outputs["eft_eval"], held_out)
+    write_jsonl(outputs["eval_prompts"], seed.eval_prompts)
+    write_jsonl(outputs["ift"], seed.ift)
+    return {"ift": len(seed.ift), "ranked_train": len(train), "eft_eval": len(held_out),
+            "eval_prompts": len(seed.eval_prompts)}
+
+
+def run_build_eft(cfg: Config, ranked_path: Path, policy: Any, out: Path) -> dict[str, Any]:
+    """EFT examples from the judge in `policy`; returns the manifest counts."""
+    j, d = cfg.judge, cfg.data
+    ranked = read_records(ranked_path, RankedPrompt)
+    if d.eft_max_prompts:
+        ranked = ranked[: d.eft_max_prompts]
+    params = SamplingParams(temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens, n=1)
+    requests: list[GenerationRequest] = []
+    kept: list[RankedPrompt] = []
+    for r in ranked:
+        ids = [chat_ids(cfg, policy.tokenizer, render_judge_prompt(r.prompt, resp)) for resp in r.responses]
+        if any(len(x) + j.max_new_tokens > cfg.model.max_seq_len for x in ids):
+            continue  # counted below: a prompt is judged whole or not at all
+        kept.append(r)
+        requests += [GenerationRequest(f"eft-{r.prompt_id}-{i}", x, params) for i, x in enumerate(ids)]
+    texts = {res.request_id: res.samples[0].text for res in policy.engine.generate(requests)} if requests else {}
+    by_pair = {(r.prompt, resp): texts[f"eft-{r.prompt_id}-{i}"]
+               for r in kept for i, resp in enumerate(r.responses)}
+    examples, stats = build_eft(kept, lambda prompt, resp: by_pair[(prompt, resp)],
+                                random.Random(cfg.pipeline.seed), d.eft_max_bucket_fraction)
+    write_jsonl(out, examples)
+    return {"ranked_prompts": len(ranked), "prompts_too_long": len(ranked) - len(kept),
+            "judge_samples": len(requests), "examples": len(examples), **stats.to_dict()}
