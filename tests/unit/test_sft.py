@@ -171,3 +171,31 @@ def test_sampler_is_deterministic_and_resumable():
     assert b.next_batch() == first[2]
     with pytest.raises(ValueError, match="num_samples"):
         b.load_state_dict(GlobalBatchSampler(11, 4, seed=3).state_dict())
+
+
+def test_run_sft_inside_an_existing_world_writes_a_loadable_model(tmp_path):
+    from megatron_selfreward.megatron.model import build_model
+    from megatron_selfreward.megatron.parallel import single_process_world
+    from megatron_selfreward.policy import load_weights_into
+    from megatron_selfreward.train import run_sft
+    from megatron_selfreward.train.loop import read_metrics
+
+    cfg = load_config(CONFIGS / "tiny.yaml", ["sft.max_steps=2", "sft.global_batch_size=2",
+                                              "sft.micro_batch_size=1", "sft.seq_len=64"])
+    examples = [chat(f"question {i}", "answer " * (1 + i)) for i in range(5)]
+    with single_process_world(seed=3):
+        summary = run_sft(cfg, examples, None, tmp_path / "sft")
+        model = build_model(cfg)
+        load_weights_into(model, cfg, tmp_path / "sft")  # the trained weights, as the next stage reads them
+    assert summary["steps"] == 2 and summary["finished"] and summary["data"]["kept"] == 5
+    assert [m["step"] for m in read_metrics(tmp_path / "sft")] == [1, 2]
+    assert (tmp_path / "sft" / "checkpoints" / "step_2" / "trainer_state.json").is_file()
+    assert any((tmp_path / "sft" / "tensorboard").iterdir())
+
+
+def test_cli_train_parses_options_and_overrides():
+    from megatron_selfreward.cli import build_parser
+
+    args = build_parser().parse_args(["train", "dpo", "--config", "tiny", "--data", "p.jsonl",
+                                      "--out", "o", "dpo.beta=0.2"])
+    assert (args.task, args.data, args.out, args.overrides) == ("dpo", "p.jsonl", "o", ["dpo.beta=0.2"])
