@@ -186,6 +186,10 @@ class JudgeConfig:
     max_new_tokens: int = 256
     score_low: float = 0.0
     score_high: float = 5.0
+    # Deviation for judges too small to follow the format (SmolLM2-135M never writes "Score:"):
+    # a sample without a parseable score is continued after "\nScore: " for a few tokens, so
+    # the number is still the judge's own. Off = the paper (such samples are failures).
+    force_score: bool = False
 
 
 @dataclass

@@ -20,7 +20,7 @@ from megatron_selfreward.config import Config
 from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams
 from megatron_selfreward.io import read_records, write_jsonl
 from megatron_selfreward.judging.pairs import build_pair
-from megatron_selfreward.judging.parse import judgement_from_outputs
+from megatron_selfreward.judging.parse import judgement_from_outputs, parse_score
 from megatron_selfreward.judging.prompt import load_template, render_judge_prompt
 from megatron_selfreward.records import Judgement, PreferencePair, Prompt, Response
 from megatron_selfreward.stages.manifest import fingerprint, is_done, manifest_path, write_manifest
@@ -51,7 +51,39 @@ def sampling_params(cfg: Config) -> dict[str, Any]:
 def judge_params(cfg: Config) -> dict[str, Any]:
     j = cfg.judge
     return {"k": j.samples_per_response, "temperature": j.temperature, "top_p": j.top_p,
-            "max_new_tokens": j.max_new_tokens, "template": j.template, "seed": cfg.pipeline.seed}
+            "max_new_tokens": j.max_new_tokens, "template": j.template, "seed": cfg.pipeline.seed,
+            "force_score": j.force_score}
+
+
+SCORE_CUE = "\nScore: "
+FORCED_MAX_NEW_TOKENS = 4
+
+
+def force_scores(cfg: Config, engine: Any, tokenizer: Tokenizer, requests: Sequence[GenerationRequest],
+                 samples: dict[str, list[Any]]) -> tuple[dict[str, list[str]], int]:
+    """Judge texts per request id; with `judge.force_score`, each sample without a parseable
+    score continues its own output after SCORE_CUE (same sampling, a few tokens). Returns the
+    texts and how many samples were continued."""
+    j = cfg.judge
+    texts = {rid: [s.text for s in outs] for rid, outs in samples.items()}
+    if not j.force_score:
+        return texts, 0
+    params = SamplingParams(temperature=j.temperature, top_p=j.top_p, max_new_tokens=FORCED_MAX_NEW_TOKENS)
+    cue = tokenizer.encode(SCORE_CUE)
+    follow, where = [], []
+    for req in requests:
+        for i, sample in enumerate(samples.get(req.request_id, [])):
+            if parse_score(sample.text, j.score_low, j.score_high).ok:
+                continue
+            # The end-of-turn token would tell the model its answer is over: continue before it.
+            own = sample.token_ids[:-1] if sample.finish_reason == "eos" else sample.token_ids
+            ids = list(req.prompt_token_ids) + list(own) + cue
+            if len(ids) + FORCED_MAX_NEW_TOKENS <= cfg.model.max_seq_len:
+                follow.append(GenerationRequest(f"{req.request_id}-force{i}", ids, params))
+                where.append((req.request_id, i))
+    for (rid, i), result in zip(where, engine.generate(follow) if follow else []):
+        texts[rid][i] = texts[rid][i] + SCORE_CUE + result.samples[0].text
+    return texts, len(follow)
 
 
 def _generated(engine: Any, entries: Sequence[tuple[Any, GenerationRequest | None]]
@@ -118,18 +150,25 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
         entries.append((r, GenerationRequest(r.response_id, ids, params)
                         if _fits(cfg, ids, j.max_new_tokens) else None))
 
+    forced = 0
+
     def process(shard: Sequence[tuple[Response, GenerationRequest | None]]) -> list[Judgement]:
-        return [judgement_from_outputs(r.prompt_id, r.response_id, [s.text for s in outs],
+        nonlocal forced
+        requests = [req for _, req in shard if req is not None]
+        texts, n = force_scores(cfg, engine, tokenizer, requests, _texts(engine, requests))
+        forced += n
+        return [judgement_from_outputs(r.prompt_id, r.response_id, texts[req.request_id],
                                        j.score_low, j.score_high)
-                if outs is not None else _unjudged(r)
-                for r, outs in _generated(engine, shard)]
+                if req is not None else _unjudged(r)
+                for r, req in shard]
 
     judgements, reused = run_sharded(entries, cfg.pipeline.shard_size, out, fp, process, Judgement)
     failures = Counter(reason for jd in judgements for reason in jd.failure_reasons if reason)
     write_manifest(out, "judge_responses", fp,
                    {"responses": len(responses), "judge_samples": sum(len(jd.raw_outputs) for jd in judgements),
                     "parse_failures": dict(failures),
-                    "too_long_to_judge": sum(req is None for _, req in entries)},
+                    "too_long_to_judge": sum(req is None for _, req in entries),
+                    "forced_score_samples": forced},  # in this process (shards_reused: earlier ones)
                    started, {"engine": dict(engine.stats), "shards_reused": reused})
     clear_shards(out)
     return judgements

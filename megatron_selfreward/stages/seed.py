@@ -8,6 +8,8 @@ build_eft (paper 2.2): the EFT judge model scores every response of every ranked
   once with the Figure 2 prompt (T 0.7 / top-p 0.9 - our default, the paper is silent); prompts
   whose scores order the responses as the humans did become judge-training examples, then no
   score may hold more than `data.eft_max_bucket_fraction` of them (`data.oasst.build_eft`).
+  With `judge.force_score` a target whose judge never wrote a score is the judge's text
+  continued after "Score: " (see stages/respond.py), so weak judges can still produce EFT data.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from megatron_selfreward.generation.engine import GenerationRequest, SamplingPar
 from megatron_selfreward.io import read_records, write_jsonl
 from megatron_selfreward.judging.prompt import render_judge_prompt
 from megatron_selfreward.records import RankedPrompt
-from megatron_selfreward.stages.respond import chat_ids
+from megatron_selfreward.stages.respond import chat_ids, force_scores
 
 
 def run_prepare_seed(cfg: Config, outputs: dict[str, Path]) -> dict[str, Any]:
@@ -54,11 +56,13 @@ def run_build_eft(cfg: Config, ranked_path: Path, policy: Any, out: Path) -> dic
             continue  # counted below: a prompt is judged whole or not at all
         kept.append(r)
         requests += [GenerationRequest(f"eft-{r.prompt_id}-{i}", x, params) for i, x in enumerate(ids)]
-    texts = {res.request_id: res.samples[0].text for res in policy.engine.generate(requests)} if requests else {}
-    by_pair = {(r.prompt, resp): texts[f"eft-{r.prompt_id}-{i}"]
+    samples = {res.request_id: res.samples for res in policy.engine.generate(requests)} if requests else {}
+    texts, forced = force_scores(cfg, policy.engine, policy.tokenizer, requests, samples)
+    by_pair = {(r.prompt, resp): texts[f"eft-{r.prompt_id}-{i}"][0]
                for r in kept for i, resp in enumerate(r.responses)}
     examples, stats = build_eft(kept, lambda prompt, resp: by_pair[(prompt, resp)],
                                 random.Random(cfg.pipeline.seed), d.eft_max_bucket_fraction)
     write_jsonl(out, examples)
     return {"ranked_prompts": len(ranked), "prompts_too_long": len(ranked) - len(kept),
-            "judge_samples": len(requests), "examples": len(examples), **stats.to_dict()}
+            "judge_samples": len(requests), "forced_score_samples": forced, "examples": len(examples),
+            **stats.to_dict()}
