@@ -81,12 +81,11 @@ def _build_eft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any
 
 
 def _train_sft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
-    from megatron_selfreward.stages.train import prepare_out_dir, run_train_sft
+    from megatron_selfreward.stages.train import run_train_sft
 
     ctx.release()
-    prepare_out_dir(spec.output, spec_fingerprint(spec))
     data = {k: v for k, v in spec.inputs.items() if k != "init"}
-    return run_train_sft(cfg, data, spec.inputs["init"], spec.output)
+    return run_train_sft(cfg, data, spec.inputs["init"], spec.output, spec_fingerprint(spec))
 
 
 def _generate_prompts(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
@@ -122,11 +121,11 @@ def _build_pairs(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
 
 
 def _train_dpo(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
-    from megatron_selfreward.stages.train import prepare_out_dir, run_train_dpo
+    from megatron_selfreward.stages.train import run_train_dpo
 
     ctx.release()
-    prepare_out_dir(spec.output, spec_fingerprint(spec))
-    return run_train_dpo(cfg, spec.iteration, spec.inputs["pairs"], spec.inputs["init"], spec.output)
+    return run_train_dpo(cfg, spec.iteration, spec.inputs["pairs"], spec.inputs["init"], spec.output,
+                         spec_fingerprint(spec))
 
 
 def _evaluate(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:

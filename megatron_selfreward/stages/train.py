@@ -54,8 +54,10 @@ def _finish(cfg: Config, summary: dict[str, Any], out: Path) -> dict[str, Any]:
             "tokens_per_s": round(summary["tokens_per_s"], 1)}
 
 
-def run_train_sft(cfg: Config, data: dict[str, Path], init_dir: Path | None, out: Path) -> dict[str, Any]:
-    """SFT from `init_dir` on the union of the SFTExample files in `data` (e.g. ift, eft_train)."""
+def run_train_sft(cfg: Config, data: dict[str, Path], init_dir: Path | None, out: Path,
+                  fp: dict[str, Any]) -> dict[str, Any]:
+    """SFT from `init_dir` on the union of the SFTExample files in `data` (e.g. ift, eft_train);
+    `fp` is the stage fingerprint (see `prepare_out_dir`)."""
     from megatron_selfreward.train import run_sft
 
     examples: list[SFTExample] = []
@@ -66,6 +68,7 @@ def run_train_sft(cfg: Config, data: dict[str, Path], init_dir: Path | None, out
         examples += part
     if not examples:
         raise StageError(f"SFT into {out}: no examples in {', '.join(map(str, data.values()))}")
+    prepare_out_dir(out, fp)
     summary = run_sft(cfg, examples, init_dir, out)
     return {**counts, **_finish(cfg, summary, out)}
 
@@ -86,7 +89,8 @@ def _no_pairs_message(iteration: int, pairs_path: Path, why: str) -> str:
             "no pairs: more EFT data, more judge samples or more responses per prompt help.")
 
 
-def run_train_dpo(cfg: Config, iteration: int, pairs_path: Path, init_dir: Path, out: Path) -> dict[str, Any]:
+def run_train_dpo(cfg: Config, iteration: int, pairs_path: Path, init_dir: Path, out: Path,
+                  fp: dict[str, Any]) -> dict[str, Any]:
     from megatron_selfreward.data.dpo_data import prepare_dpo, read_pairs
     from megatron_selfreward.train import run_dpo
     from megatron_selfreward.train.loop import init_tokenizer
@@ -100,5 +104,6 @@ def run_train_dpo(cfg: Config, iteration: int, pairs_path: Path, init_dir: Path,
         raise StageError(_no_pairs_message(
             iteration, pairs_path, f"all {len(pairs)} pairs have a prompt longer than dpo.seq_len "
             f"{cfg.dpo.seq_len}"))
+    prepare_out_dir(out, fp)  # only now: a refused stage leaves no model directory behind
     summary = run_dpo(cfg, pairs, init_dir, out)
     return {"pairs": len(pairs), **_finish(cfg, summary, out)}
