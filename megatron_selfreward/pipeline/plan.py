@@ -7,6 +7,7 @@ in order; nothing decides the schedule anywhere else. A stage is done when the m
 its first output matches `spec_fingerprint(spec)`.
 
     prepare_seed -> import_model(M0) -> [train_sft_baseline] -> build_eft -> train_sft(M1)
+        -> evaluate(M1)
     for t in 1..T: generate_prompts -> sample_responses -> judge_responses -> build_pairs
                    -> train_dpo(M_{t+1}) -> evaluate(M_{t+1})
     [report]
@@ -127,6 +128,8 @@ def _seed_stages(cfg: Config, run_dir: Path) -> list[StageSpec]:
     stages.append(StageSpec("train_sft", 0, {"ift": files["ift"], "eft_train": seed / "eft_train.jsonl",
                                              "init": m0},
                             {"model": model_dir(run_dir, 1)}, distributed=True, params=sft))
+    # M1 is evaluated too (against M0): the paper's Table 4 starts from M1's judging ability.
+    stages.append(_evaluate_spec(cfg, run_dir, 1))
     return stages
 
 

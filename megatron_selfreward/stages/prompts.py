@@ -17,6 +17,8 @@ manifest: too short / too long (words), a blacklisted keyword, "Write a program"
 punctuation or non-ASCII character, an exact duplicate, and ROUGE-L F > 0.7 against any existing
 instruction (the seed's and every prompt generated before, in this and earlier iterations).
 Requests are made in rounds until `num_prompts` are accepted or `max_attempts` requests are used.
+`source: seed` skips generation and draws instructions from the IFT seed instead (a documented
+deviation for the random-init test model, which cannot self-instruct).
 
 Differences from the reference implementation, on purpose: a completion cut by the token limit
 loses only its last (unfinished) candidate instead of all of them (cheaper on CPU), and
@@ -188,7 +190,8 @@ def run_generate_prompts(cfg: Config, iteration: int, ift_path: Path, earlier: S
     attempts = candidates = 0
     while len(accepted) < pg.num_prompts and attempts < max_attempts:
         batch = []
-        for _ in range(min(cfg.generation.batch_size, max_attempts - attempts)):
+        # One request per missing prompt (each yields several candidates): few wasted samples.
+        for _ in range(min(cfg.generation.batch_size, max_attempts - attempts, pg.num_prompts - len(accepted))):
             text = render_few_shot(_shots(rng, ift, before + [p.text for p in accepted], cfg))
             request = _request(cfg, policy, f"iter{iteration}-gen{attempts}", text, params)
             attempts += 1

@@ -55,7 +55,9 @@ def judge_params(cfg: Config) -> dict[str, Any]:
             "force_score": j.force_score}
 
 
-SCORE_CUE = "\nScore: "
+# Measured on SmolLM2-135M after its own verdict: a bare "Score: " is followed by 100 or 10
+# (a percentage or /10) in 4 of 5 samples; naming the range first gets ~45% in range, spread out.
+SCORE_CUE = "\nFinal score (an integer from 0 to 5)\nScore: "
 FORCED_MAX_NEW_TOKENS = 4
 
 
