@@ -9,18 +9,24 @@ as the sharded sample/judge stages, write it themselves).
 
 Models are loaded once per stage group: `StageContext.policy(dir)` keeps the last policy, so
 sampling and judging with M_t share one load, and training stages drop it first to free memory.
-World size 1 runs everything inside one gloo process group; training stages reuse it.
+World size 1 runs everything inside one gloo process group; training stages reuse it. With
+`executor.nproc_per_node > 1` the training stages run as `selfreward stage ...` under torchrun
+(generation stays in this process).
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from megatron_selfreward.config import Config, save_resolved
 from megatron_selfreward.pipeline.plan import StageSpec, model_dir, spec_fingerprint
+from megatron_selfreward.stages.errors import StageError
 from megatron_selfreward.stages.manifest import is_done, manifest_path, write_manifest
 
 Log = Callable[[str], None]
@@ -29,8 +35,6 @@ Log = Callable[[str], None]
 COST = {"prepare_seed": 0.1, "import_model": 1, "train_sft_baseline": 6, "build_eft": 4,
         "train_sft": 8, "generate_prompts": 2, "sample_responses": 3, "judge_responses": 5,
         "build_pairs": 0.1, "train_dpo": 4, "evaluate": 5, "report": 0.2}
-# Stages whose functions check their own fingerprint and write their own manifest.
-SELF_MANAGED = {"import_model", "sample_responses", "judge_responses", "build_pairs", "evaluate", "report"}
 # The report summarises whatever the run holds: always rewritten (it takes a second).
 NO_PRECHECK = {"report"}
 
@@ -59,7 +63,7 @@ class StageContext:
 
 # ---------------------------------------------------------------------------------------------
 # Adapters: StageSpec -> stage function. Each returns manifest counts, or None when the stage
-# wrote its own manifest.
+# function (sharded sampling/judging, import, evaluate, report) wrote its own manifest.
 
 
 def _prepare_seed(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
@@ -80,12 +84,39 @@ def _build_eft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any
     return run_build_eft(cfg, spec.inputs["ranked_train"], ctx.policy(spec.inputs["model"]), spec.output)
 
 
-def _train_sft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
+def _world_size() -> int:
+    """Processes of the launcher that started this one (torchrun / srun); 1 when run plainly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _torchrun(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+    """Run a training stage as `selfreward stage` under torchrun; it writes its own manifest."""
+    from megatron_selfreward.stages.train import prepare_out_dir
+
+    prepare_out_dir(spec.output, spec_fingerprint(spec))  # here, once, not racing in each rank
+    n = cfg.executor.nproc_per_node
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "megatron_selfreward.cli", "stage", spec.name, "--iteration", str(spec.iteration),
+           "--config", str(ctx.run_dir / "config.yaml")]
+    code = subprocess.run(cmd, check=False).returncode
+    if code != 0:
+        raise StageError(f"{spec.label}: torchrun with {n} processes exited {code} (its output is above)")
+
+
+def _launched(cfg: Config) -> bool:
+    """True in the parent of a multi-process training stage: the stage runs in torchrun instead."""
+    return cfg.executor.nproc_per_node > 1 and _world_size() == 1
+
+
+def _train_sft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any] | None:
     from megatron_selfreward.stages.train import run_train_sft
 
     ctx.release()
+    if _launched(cfg):
+        return _torchrun(cfg, spec, ctx)
     data = {k: v for k, v in spec.inputs.items() if k != "init"}
-    return run_train_sft(cfg, data, spec.inputs["init"], spec.output, spec_fingerprint(spec))
+    fp = spec_fingerprint(spec) if _world_size() == 1 else None
+    return run_train_sft(cfg, data, spec.inputs["init"], spec.output, fp)
 
 
 def _generate_prompts(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
@@ -120,12 +151,14 @@ def _build_pairs(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     run_build_pairs(i["prompts"], i["responses"], i["judgements"], spec.output)
 
 
-def _train_dpo(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
+def _train_dpo(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any] | None:
     from megatron_selfreward.stages.train import run_train_dpo
 
     ctx.release()
-    return run_train_dpo(cfg, spec.iteration, spec.inputs["pairs"], spec.inputs["init"], spec.output,
-                         spec_fingerprint(spec))
+    if _launched(cfg):
+        return _torchrun(cfg, spec, ctx)
+    fp = spec_fingerprint(spec) if _world_size() == 1 else None
+    return run_train_dpo(cfg, spec.iteration, spec.inputs["pairs"], spec.inputs["init"], spec.output, fp)
 
 
 def _evaluate(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
@@ -167,8 +200,9 @@ def run_stage(cfg: Config, spec: StageSpec, ctx: StageContext) -> bool:
     started = time.time()
     fp = spec_fingerprint(spec)  # of the inputs as they are now, before the stage reads them
     counts = STAGES[spec.name](cfg, spec, ctx)
-    if spec.name not in SELF_MANAGED:
-        write_manifest(spec.output, spec.name, fp, counts or {}, started, {"iteration": spec.iteration})
+    # None: the stage wrote its own manifest (or a launched sub-process did). Rank 0 writes.
+    if counts is not None and int(os.environ.get("RANK", "0")) == 0:
+        write_manifest(spec.output, spec.name, fp, counts, started, {"iteration": spec.iteration})
     return True
 
 

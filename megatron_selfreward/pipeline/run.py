@@ -9,6 +9,7 @@ responses -> judgements -> pairs -> DPO (M_{t+1}) -> evaluation; finished stages
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,11 @@ def run_one(cfg: Config, name: str, iteration: int, log: Any = print) -> bool:
         raise FileNotFoundError(f"stage {spec.label} needs {', '.join(missing)}: run the stages "
                                 "before it first (selfreward run does all of them)")
     log(f"{spec.label} -> {spec.output}")
+    ctx = StageContext(cfg, log)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        run_stage(cfg, spec, ctx)  # under torchrun / srun: the training stage starts its own world
+        return True
     with single_process_world(cfg.pipeline.seed):
-        ctx = StageContext(cfg, log)
         run_stage(cfg, spec, ctx)
         ctx.release()
     return True

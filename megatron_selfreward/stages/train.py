@@ -55,9 +55,11 @@ def _finish(cfg: Config, summary: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def run_train_sft(cfg: Config, data: dict[str, Path], init_dir: Path | None, out: Path,
-                  fp: dict[str, Any]) -> dict[str, Any]:
-    """SFT from `init_dir` on the union of the SFTExample files in `data` (e.g. ift, eft_train);
-    `fp` is the stage fingerprint (see `prepare_out_dir`)."""
+                  fp: dict[str, Any] | None) -> dict[str, Any]:
+    """SFT from `init_dir` on the union of the SFTExample files in `data` (e.g. ift, eft_train).
+
+    `fp`: the stage fingerprint for `prepare_out_dir`; None when the launching process did that.
+    """
     from megatron_selfreward.train import run_sft
 
     examples: list[SFTExample] = []
@@ -68,7 +70,8 @@ def run_train_sft(cfg: Config, data: dict[str, Path], init_dir: Path | None, out
         examples += part
     if not examples:
         raise StageError(f"SFT into {out}: no examples in {', '.join(map(str, data.values()))}")
-    prepare_out_dir(out, fp)
+    if fp is not None:
+        prepare_out_dir(out, fp)
     summary = run_sft(cfg, examples, init_dir, out)
     return {**counts, **_finish(cfg, summary, out)}
 
@@ -90,7 +93,7 @@ def _no_pairs_message(iteration: int, pairs_path: Path, why: str) -> str:
 
 
 def run_train_dpo(cfg: Config, iteration: int, pairs_path: Path, init_dir: Path, out: Path,
-                  fp: dict[str, Any]) -> dict[str, Any]:
+                  fp: dict[str, Any] | None) -> dict[str, Any]:
     from megatron_selfreward.data.dpo_data import prepare_dpo, read_pairs
     from megatron_selfreward.train import run_dpo
     from megatron_selfreward.train.loop import init_tokenizer
@@ -104,6 +107,7 @@ def run_train_dpo(cfg: Config, iteration: int, pairs_path: Path, init_dir: Path,
         raise StageError(_no_pairs_message(
             iteration, pairs_path, f"all {len(pairs)} pairs have a prompt longer than dpo.seq_len "
             f"{cfg.dpo.seq_len}"))
-    prepare_out_dir(out, fp)  # only now: a refused stage leaves no model directory behind
+    if fp is not None:  # only now: a refused stage leaves no model directory behind
+        prepare_out_dir(out, fp)
     summary = run_dpo(cfg, pairs, init_dir, out)
     return {"pairs": len(pairs), **_finish(cfg, summary, out)}

@@ -47,7 +47,8 @@ def test_run_trains_m1_and_m2_and_writes_every_stage(tiny_run):
     for model in ("M0", "M1", "M2"):
         assert (run_dir / "models" / model / "megatron" / "metadata.json").is_file()
         assert (run_dir / "models" / f"{model}.manifest.json").is_file()
-    assert (run_dir / "eval" / "M2" / "metrics.json").is_file()
+    for model in ("M1", "M2"):  # M1 against M0, M2 against M1
+        assert (run_dir / "eval" / model / "metrics.json").is_file()
     for model in ("M1", "M2"):
         assert (run_dir / "models" / model / "metrics.jsonl").is_file()
         assert not (run_dir / "models" / model / "checkpoints").exists()  # removed once finished
@@ -125,3 +126,16 @@ def test_bad_override_is_a_clear_error_and_exit_code_2():
     proc = selfreward("run", "--config", "tiny", "judge.samples_per_respons=3")
     assert proc.returncode == 2
     assert "judge.samples_per_response" in proc.stderr
+
+
+@pytest.mark.slow
+def test_training_stages_run_under_torchrun_when_nproc_per_node_is_2(tmp_path):
+    seed = write_score_seed(tmp_path / "seed")
+    run_dir = tmp_path / "run"
+    proc = selfreward(*run_args(run_dir, seed, "executor.nproc_per_node=2"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # `selfreward stage` announces itself once per rank of the torchrun job.
+    assert proc.stdout.count("\ntrain_sft -> ") == 2 and proc.stdout.count("\ntrain_dpo (iteration 1) -> ") == 2
+    for model in ("M1", "M2"):
+        assert (run_dir / "models" / model / "megatron" / "metadata.json").is_file()
+        assert json.loads((run_dir / "models" / f"{model}.manifest.json").read_text())["counts"]["steps"] > 0
