@@ -44,7 +44,9 @@ def test_gguf_to_hf_to_megatron_greedy_equals_transformers(tmp_path: Path):
                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     del hf
 
-    cfg = load_config(CONFIGS / "smollm2_135m_cpu.yaml", ["model.hidden_dropout=0.0",
+    # fp32 like the transformers reference (the CPU preset itself trains in bf16).
+    cfg = load_config(CONFIGS / "smollm2_135m_cpu.yaml", ["precision.params_dtype=float32",
+                                                           "model.hidden_dropout=0.0",
                                                            "model.attention_dropout=0.0"])
     with single_process_world():
         model = build_model(cfg)
