@@ -18,6 +18,7 @@ joins the plan when `megatron_selfreward.report` exists (it is written separatel
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,14 +61,30 @@ def iter_dir(run_dir: Path, t: int) -> Path:
     return run_dir / f"iter{t}"
 
 
+def _listing(directory: Path) -> str:
+    """Names, sizes and modification times of a directory's files: cheap even for 140 GB."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(directory)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def spec_fingerprint(spec: StageSpec) -> dict[str, Any]:
-    """Content hashes of the inputs + params. A model directory counts by its manifest (which
-    fingerprints how it was made) rather than by hashing gigabytes of weights."""
-    inputs = {}
+    """Content hashes of the inputs + params. A model directory of the run counts by its
+    manifest (which fingerprints how it was made); a directory from outside the run (a user's
+    seed or generator model) by its file listing, not by hashing gigabytes of weights."""
+    inputs, listings = {}, {}
     for name, path in spec.inputs.items():
         manifest = manifest_path(path)
-        inputs[name] = manifest if path.is_dir() and manifest.is_file() else path
-    return fingerprint(inputs, spec.params)
+        if path.is_dir() and manifest.is_file():
+            inputs[name] = manifest
+        elif path.is_dir():
+            listings[name] = _listing(path)
+        else:
+            inputs[name] = path
+    params = {**spec.params, "input_dir_listings": listings} if listings else spec.params
+    return fingerprint(inputs, params)
 
 
 def _optional_module(name: str) -> bool:
