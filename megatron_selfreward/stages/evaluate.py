@@ -214,9 +214,9 @@ def _engine_stats(policy: Any) -> dict[str, Any]:
 
 
 def _reset_stats(policy: Any) -> None:
-    reset = getattr(policy.engine, "reset_stats", None)
-    if callable(reset):
-        reset()
+    from megatron_selfreward.stages.respond import reset_engine_stats
+
+    reset_engine_stats(policy.engine)
 
 
 class _ModelJudge:

@@ -95,6 +95,13 @@ def _generated(engine: Any, entries: Sequence[tuple[Any, GenerationRequest | Non
     return [(item, samples[req.request_id] if req is not None else None) for item, req in entries]
 
 
+def reset_engine_stats(engine: Any) -> None:
+    """One engine serves several stages: each manifest counts only its own stage's work."""
+    reset = getattr(engine, "reset_stats", None)
+    if reset is not None:
+        reset()
+
+
 def run_sample_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_path: Path,
                          model_manifest: Path, out: Path) -> list[Response]:
     g = cfg.generation
@@ -102,6 +109,7 @@ def run_sample_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts
     if is_done(out, fp):
         return read_records(out, Response)
     started = time.time()
+    reset_engine_stats(engine)
     prompts = read_records(prompts_path, Prompt)
     params = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                             max_new_tokens=g.max_new_tokens, n=g.responses_per_prompt)
@@ -141,6 +149,7 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
     if is_done(out, fp):
         return read_records(out, Judgement)
     started = time.time()
+    reset_engine_stats(engine)
     template = load_template(j.template or None)
     prompt_text = {p.prompt_id: p.text for p in read_records(prompts_path, Prompt)}
     responses = read_records(responses_path, Response)

@@ -79,6 +79,11 @@ def test_iteration_files_have_consistent_counts(tiny_run):
         # A failed parse is excluded, never scored 0.
         for score, reason in zip(j.sample_scores, j.failure_reasons):
             assert (score is None) == (reason is not None)
+    # Each manifest counts only its own stage's engine work (one engine serves several stages).
+    sampled = json.loads((it / "responses.manifest.json").read_text())["engine"]
+    assert (sampled["requests"], sampled["samples"]) == (len(prompts), len(responses))
+    judged = json.loads((it / "judgements.manifest.json").read_text())["engine"]
+    assert (judged["requests"], judged["samples"]) == (len(responses), 3 * len(responses))
     manifest = json.loads((it / "judgements.manifest.json").read_text())
     failures = sum(r is not None for j in judgements for r in j.failure_reasons)
     assert sum(manifest["counts"]["parse_failures"].values()) == failures
