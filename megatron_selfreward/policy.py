@@ -44,11 +44,31 @@ def load_weights_into(model: Any, cfg: Config, model_dir: Path) -> None:
         )
 
 
+def check_engine_available(cfg: Config) -> None:
+    """Refuse an engine this installation cannot run, before any model is loaded."""
+    if cfg.generation.engine != "trtllm":
+        return
+    try:
+        import tensorrt_llm  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any failure means "not usable here"
+        raise RuntimeError(
+            "config key 'generation.engine' is 'trtllm' but TensorRT-LLM cannot be imported "
+            f"({type(err).__name__}: {err}). Install it on a CUDA machine from NVIDIA's package "
+            "index (see the README, 'Optional GPU extras'), or set generation.engine=megatron."
+        ) from err
+    raise RuntimeError(
+        "config key 'generation.engine': the TensorRT-LLM engine is not part of this release yet; "
+        "export with `selfreward convert megatron-to-hf` + tools/build_trtllm_engine.sh, or set "
+        "generation.engine=megatron (the in-process KV-cache engine, CPU and GPU)."
+    )
+
+
 def load_policy(cfg: Config, model_dir: Path) -> Policy:
     """Build this rank's model (needs an initialised world), load weights, wrap an engine."""
     from megatron_selfreward.generation.megatron_engine import MegatronEngine
     from megatron_selfreward.megatron.model import build_model
 
+    check_engine_available(cfg)
     model = build_model(cfg)
     load_weights_into(model, cfg, model_dir)
     model.eval()
