@@ -12,7 +12,9 @@ fp32 and in bf16 (HF model loaded in that dtype; our engine with `dtype=` on the
              T=0.7, top-p 0.9, <= 96 new tokens, stop at EOS (the paper's judging)
 
 Output tokens/s = generated tokens (up to and including EOS) / wall time including prefill;
-each engine runs each workload `--repeats` times, interleaved, and the fastest run counts.
+each engine runs each workload `--repeats` times, interleaved, and the fastest run counts (the
+machines this runs on are shared: every row records the 1-minute load average and the
+process CPU seconds beside the wall time).
 Also: prefill tokens computed vs requested for the judge batch, and a `kv_cache` section that
 decodes the same greedy batch with megatron-core's StaticInferenceContext and with our cache.
 
@@ -151,15 +153,15 @@ def run_ours(engine: Any, work: Workload, eos_id: int | None) -> dict[str, Any]:
                             max_new_tokens=work.max_new_tokens, n=work.n, seed=1)
     requests = [GenerationRequest(f"{work.name}{i}", p, params) for i, p in enumerate(work.prompts)]
     engine.reset_stats()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     results = engine.generate(requests)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = sum(len(s.token_ids) for r in results for s in r.samples)
     stats = engine.stats
     keep = ("prefill_tokens_requested", "prefill_tokens_computed", "prefill_pad_tokens",
             "prefill_saved_fraction", "prefill_time_s", "decode_time_s", "micro_batches")
     return {"output_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            **{k: stats[k] for k in keep}}
+            "cpu_seconds": cpu_seconds, **{k: stats[k] for k in keep}}
 
 
 def run_hf(hf: Any, work: Workload, eos_id: int | None, pad_id: int) -> dict[str, Any]:
@@ -175,17 +177,17 @@ def run_hf(hf: Any, work: Workload, eos_id: int | None, pad_id: int) -> dict[str
     if not work.stop_at_eos or eos_id is None:
         kwargs["min_new_tokens"] = work.max_new_tokens
     torch.manual_seed(1)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = hf.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = 0
     for row in out[:, width:].tolist():
         stop = row.index(eos_id) + 1 if work.stop_at_eos and eos_id in row else len(row)
         tokens += stop
     rows = len(work.prompts) * work.n
     return {"output_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "prefill_tokens_computed": rows * width}
+            "cpu_seconds": cpu_seconds, "prefill_tokens_computed": rows * width}
 
 
 def static_context_greedy(model: Any, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
@@ -258,7 +260,8 @@ def bench_dtype(dtype: str, hf_dir: Path, model: Any, cfg: Any, works: list[Work
         for name, results in runs.items():
             best = min(results, key=lambda r: r["seconds"])
             result = {"workload": work.name, "dtype": dtype, "engine": name, **best,
-                      "all_seconds": [round(r["seconds"], 3) for r in results]}
+                      "all_seconds": [round(r["seconds"], 3) for r in results],
+                      "load_average": round(os.getloadavg()[0], 2)}
             print(f"  {work.name:9s} {dtype:8s} {name:15s} {result['output_tokens']:5d} tok "
                   f"{result['seconds']:7.2f} s {result['tokens_per_s']:7.1f} tok/s", flush=True)
             rows.append(result)

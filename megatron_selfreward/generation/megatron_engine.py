@@ -13,7 +13,8 @@ parallelism is Megatron's own weight layout) with its own attention over its own
   batch, so left padding shifts a row's positions and a shared prefix cannot be followed by
   padded suffixes) and repeats KV heads for GQA each step. Our cache stores rotated keys, takes
   per-row position ids, and calls torch's SDPA with native GQA. Measured side by side in
-  benchmarks/generate_cpu.py (`kv_cache` section).
+  benchmarks/generate_cpu.py (`kv_cache` section; SmolLM2, fp32, 16 rows, 2 cores: 234 vs
+  149 decode tokens/s, identical greedy tokens).
 - Layout of one micro-batch's cache: columns [0, P) hold the shared prefix, columns [P, P + S)
   the prompt suffixes right-aligned (a row's padding sits just after the prefix and is masked),
   then one column per decode step. Every row's last prompt token is in the same column, so one
@@ -285,9 +286,8 @@ class MegatronRunner:
         return mask[:, None]
 
     def _attend(self, index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                rope: tuple, mask: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
-        """RoPE, cache append and SDPA: [b, s, heads, dim] in, [b, s, heads * dim] out."""
-        query, key = self._apply_rope(query, *rope), self._apply_rope(key, *rope)
+                mask: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
+        """Cache append and SDPA on rotated q/k: [b, s, heads, dim] in, [b, s, heads * dim] out."""
         keys, values = cache.write(index, key, value, start)
         context = F.scaled_dot_product_attention(
             query.transpose(1, 2), keys, values, attn_mask=mask, scale=self.softmax_scale,
@@ -305,10 +305,13 @@ class MegatronRunner:
                       mask: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         b, s, h = hidden.shape
         x = F.rms_norm(hidden, (h,), w.attn_norm, w.attn_eps)
-        qkv = F.linear(x, w.qkv).view(b, s, w.groups, (w.heads_per_group + 2) * w.head_dim)
-        query, key, value = qkv.split([w.heads_per_group * w.head_dim, w.head_dim, w.head_dim], dim=-1)
-        query = query.reshape(b, s, w.groups * w.heads_per_group, w.head_dim)
-        context = self._attend(index, query, key, value, rope, mask, cache, start)
+        # Megatron's fused layout: per KV group, its query heads, then one key and one value head.
+        qkv = F.linear(x, w.qkv).view(b, s, w.groups, w.heads_per_group + 2, w.head_dim)
+        cos, sin = (t[:, :, :, None] for t in rope)
+        rotated = self._apply_rope(qkv[:, :, :, :-1], cos, sin)  # queries and key in one pass
+        query = rotated[:, :, :, :-1].reshape(b, s, w.groups * w.heads_per_group, w.head_dim)
+        key, value = rotated[:, :, :, -1], qkv[:, :, :, -1]
+        context = self._attend(index, query, key, value, mask, cache, start)
         hidden = hidden + self._reduce(F.linear(context, w.proj))
         gate, up = F.linear(F.rms_norm(hidden, (h,), w.mlp_norm, w.mlp_eps), w.fc1).chunk(2, dim=-1)
         return hidden + self._reduce(F.linear(F.silu(gate) * up, w.fc2))
@@ -317,7 +320,8 @@ class MegatronRunner:
                       mask: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         attn = layer.self_attention
         query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden))
-        context = self._attend(index, query, key, value, rope, mask, cache, start)
+        query, key = self._apply_rope(query, *rope), self._apply_rope(key, *rope)
+        context = self._attend(index, query, key, value, mask, cache, start)
         out, bias = attn.linear_proj(context)
         hidden = hidden + (out if bias is None else out + bias)
         out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
@@ -405,6 +409,14 @@ def _sample_head(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     return order.gather(1, pick[:, None]).squeeze(1), covered
 
 
+def _rows_where(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Row indices where `mask` holds and those rows of each tensor (no copy when all rows do)."""
+    if bool(mask.all()):
+        return torch.arange(len(mask), device=mask.device), list(tensors)
+    idx = mask.nonzero().squeeze(1)
+    return idx, [t[idx] for t in tensors]
+
+
 def _sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                  top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """One token per row (all rows have temperature > 0): temperature, top-k, then top-p."""
@@ -412,12 +424,12 @@ def _sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     tokens = torch.empty(len(scaled), dtype=torch.long, device=scaled.device)
     plain = (top_k == 0) & (top_p >= 1.0)
     if bool(plain.any()):
-        tokens[plain] = _sample_plain(scaled[plain], uniform[plain])
+        idx, (rows, u) = _rows_where(plain, scaled, uniform)
+        tokens[idx] = _sample_plain(rows, u)
     if bool(plain.all()):
         return tokens
-    idx = (~plain).nonzero().squeeze(1)
-    width = min(scaled.shape[-1], SAMPLING_HEAD_TOKENS)
-    head_tokens, covered = _sample_head(scaled[idx], top_k[idx], top_p[idx], uniform[idx], width)
+    idx, (rows, k, p, u) = _rows_where(~plain, scaled, top_k, top_p, uniform)
+    head_tokens, covered = _sample_head(rows, k, p, u, min(scaled.shape[-1], SAMPLING_HEAD_TOKENS))
     tokens[idx] = head_tokens
     if not bool(covered.all()):
         miss = idx[~covered]
@@ -433,11 +445,14 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     logits [rows, vocab] fp32; temperature 0 = greedy (argmax); top_k 0 = off; top_p 1 = off;
     uniform [rows] in [0, 1): the row's random number for this step.
     """
-    tokens = logits.argmax(dim=-1)
     sampled = temperature > 0
-    if bool(sampled.any()):
-        idx = sampled.nonzero().squeeze(1)
-        tokens[idx] = _sample_rows(logits[idx], temperature[idx], top_k[idx], top_p[idx], uniform[idx])
+    if bool(sampled.all()):  # skip the argmax pass over the vocabulary
+        tokens = _sample_rows(logits, temperature, top_k, top_p, uniform)
+    else:
+        tokens = logits.argmax(dim=-1)
+        if bool(sampled.any()):
+            idx, rows = _rows_where(sampled, logits, temperature, top_k, top_p, uniform)
+            tokens[idx] = _sample_rows(*rows)
     logprobs = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
     return tokens, logprobs
 
