@@ -44,6 +44,7 @@ from megatron_selfreward.judging.parse import judgement_from_outputs
 from megatron_selfreward.judging.prompt import load_template, render_judge_prompt
 from megatron_selfreward.records import Judgement, PreferencePair, Prompt, RankedPrompt, Response
 from megatron_selfreward.stages.manifest import fingerprint, is_done, manifest_path, write_manifest
+from megatron_selfreward.stages.respond import SCORE_CUE, force_scores
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -89,7 +90,8 @@ def evaluate_params(cfg: Config) -> dict[str, Any]:
     e, j = cfg.eval, cfg.judge
     return {"rm_samples": e.rm_samples, "judge_temperature": j.temperature, "judge_top_p": j.top_p,
             "judge_max_new_tokens": j.max_new_tokens, "judge_template": j.template,
-            "score_range": [j.score_low, j.score_high], "head_to_head_prompts": e.head_to_head_prompts,
+            "score_range": [j.score_low, j.score_high], "force_score": j.force_score,
+            "head_to_head_prompts": e.head_to_head_prompts,
             "answers": _answer_params(cfg), "pairwise_judge": e.judge, "pairwise_judge_model": e.judge_model,
             "pairwise_max_new_tokens": e.judge_max_new_tokens, "seed": cfg.pipeline.seed}
 
@@ -196,6 +198,14 @@ class _ModelSlot:
 def _generate(cfg: Config, policy: Any, prompts: Sequence[tuple[str, str]],
               params: SamplingParams) -> tuple[dict[str, list[Any]], list[str]]:
     """Samples per request id for prompts that fit the context; the ids that did not fit."""
+    requests, too_long = _requests(cfg, policy, prompts, params)
+    results = policy.engine.generate(requests) if requests else []
+    return {r.request_id: r.samples for r in results}, too_long
+
+
+def _requests(cfg: Config, policy: Any, prompts: Sequence[tuple[str, str]],
+              params: SamplingParams) -> tuple[list[GenerationRequest], list[str]]:
+    """Chat-formatted requests for prompts that fit the context; the ids that did not fit."""
     from megatron_selfreward.stages.respond import chat_ids
 
     requests, too_long = [], []
@@ -205,8 +215,7 @@ def _generate(cfg: Config, policy: Any, prompts: Sequence[tuple[str, str]],
             requests.append(GenerationRequest(request_id, ids, params))
         else:
             too_long.append(request_id)
-    results = policy.engine.generate(requests) if requests else []
-    return {r.request_id: r.samples for r in results}, too_long
+    return requests, too_long
 
 
 def _engine_stats(policy: Any) -> dict[str, Any]:
@@ -327,13 +336,17 @@ def _unjudged(prompt_id: str, response_id: str, k: int) -> Judgement:
 
 def _rm_judgements(cfg: Config, out_dir: Path, slot: _ModelSlot, model_dir: Path,
                    split_path: Path) -> tuple[Path, list[Judgement]]:
-    """M_t scores every human-ranked response of the eval split, k samples each (Figure 2 prompt)."""
+    """M_t scores every human-ranked response of the eval split, k samples each (Figure 2 prompt).
+
+    Judged exactly as `judge_responses` judges: with `judge.force_score`, a sample without a
+    parseable score is continued after the score cue (`respond.force_scores`), so the metrics
+    describe the judge the loop actually uses."""
     out = out_dir / "rm_judgements.jsonl"
     j, k = cfg.judge, cfg.eval.rm_samples
     fp = fingerprint({"model": _model_input(model_dir), "eft_eval": split_path},
                      {"k": k, "temperature": j.temperature, "top_p": j.top_p, "max_new_tokens": j.max_new_tokens,
                       "template": j.template, "score_range": [j.score_low, j.score_high],
-                      "seed": cfg.pipeline.seed})
+                      "seed": cfg.pipeline.seed, "force_score": j.force_score})
     if is_done(out, fp):
         return out, read_records(out, Judgement)
     started = time.time()
@@ -343,17 +356,19 @@ def _rm_judgements(cfg: Config, out_dir: Path, slot: _ModelSlot, model_dir: Path
     policy = slot.get(model_dir)
     _reset_stats(policy)
     params = SamplingParams(temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens, n=k)
-    samples, too_long = _generate(cfg, policy, [(rid, text) for rid, _, text in items], params)
+    requests, too_long = _requests(cfg, policy, [(rid, text) for rid, _, text in items], params)
+    samples = {r.request_id: r.samples for r in policy.engine.generate(requests)} if requests else {}
+    texts, forced = force_scores(cfg, policy.engine, policy.tokenizer, requests, samples)
     judgements = [
-        judgement_from_outputs(pid, rid, [s.text for s in samples[rid]], j.score_low, j.score_high)
-        if rid in samples else _unjudged(pid, rid, k)
+        judgement_from_outputs(pid, rid, texts[rid], j.score_low, j.score_high)
+        if rid in texts else _unjudged(pid, rid, k)
         for rid, pid, _ in items
     ]
     write_jsonl(out, judgements)
     failures = Counter(reason for jd in judgements for reason in jd.failure_reasons if reason)
     write_manifest(out, "evaluate_rm_judgements", fp,
                    {"responses": len(items), "judge_samples": k * len(items), "parse_failures": dict(failures),
-                    "too_long_to_judge": len(too_long)},
+                    "too_long_to_judge": len(too_long), "forced_score_samples": forced},
                    started, {"model": model_dir.name, "engine": _engine_stats(policy)})
     return out, judgements
 
@@ -419,7 +434,8 @@ def _failure_kind(reason: str) -> str:
 
 def reward_model_section(ranked: Sequence[RankedPrompt], judgements: Sequence[Judgement],
                          best_score: float = 5.0) -> dict[str, Any]:
-    """Table 4 metrics, single-sample and k-sample-mean, plus what the judge failed to score."""
+    """Table 4 metrics, single-sample and k-sample-mean, plus what the judge failed to score and
+    how many samples were scored only after the score cue (`judge.force_score`)."""
     by_id = {j.response_id: j for j in judgements}
     single, mean = [], []
     for r in ranked:
@@ -438,6 +454,9 @@ def reward_model_section(ranked: Sequence[RankedPrompt], judgements: Sequence[Ju
         "parse_failures": sum(failures.values()),
         "parse_failure_rate": sum(failures.values()) / samples if samples else None,
         "failure_reasons": dict(sorted(failures.items())),
+        # judge.force_score: samples continued after the score cue (a forced sample that still
+        # fails to parse is also a parse failure above)
+        "forced_score_samples": sum(SCORE_CUE in raw for j in judgements for raw in j.raw_outputs),
         "policy": RM_POLICY,
     }
 

@@ -330,3 +330,70 @@ def test_endpoint_judge_reuses_answers_and_counts_position_bias_as_ties(tiny_run
     assert {r["raw_candidate_first"] for r in rows} == {"Output (a)"}
     # Answers and RM judgements were reused, not regenerated.
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+
+# ---------------------------------------------------------------------------------------------
+# judge.force_score in the reward-model judging (as judge_responses does it)
+
+
+class _NoScoreThenCueEngine:
+    """A judge that never writes a score on its own, but answers the score cue with "4"."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.requests = tokenizer, []
+        self.stats: dict[str, Any] = {}
+
+    def generate(self, requests):
+        from megatron_selfreward.generation.engine import GenerationResult, Sample
+
+        self.requests += list(requests)
+        out = []
+        for r in requests:
+            text = "4" if "-force" in r.request_id else "A fine answer, well put."
+            ids = self.tokenizer.encode(text)
+            out.append(GenerationResult(r.request_id, [Sample(ids, [0.0] * len(ids), "length", text)
+                                                       for _ in range(r.params.n)]))
+        return out
+
+
+class _FixedSlot:
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+
+    def get(self, model_dir: Path) -> Any:
+        return self.policy
+
+
+@pytest.mark.parametrize("force", [True, False])
+def test_rm_judgements_apply_force_score(tmp_path, force):
+    from types import SimpleNamespace
+
+    from megatron_selfreward.io import write_jsonl
+    from megatron_selfreward.records import RankedPrompt
+    from megatron_selfreward.stages.evaluate import _rm_judgements, reward_model_section
+    from megatron_selfreward.stages.respond import SCORE_CUE
+    from megatron_selfreward.tokenizer import ByteTokenizer
+
+    cfg = _tiny_cfg(tmp_path / "run", f"judge.force_score={str(force).lower()}")
+    tok = ByteTokenizer(cfg.model.vocab_size)
+    engine = _NoScoreThenCueEngine(tok)
+    ranked = [RankedPrompt(prompt_id="q0", prompt="Name a colour.", responses=["Blue.", "Dog."],
+                           human_ranks=[0, 1])]
+    split = tmp_path / "eft_eval.jsonl"
+    write_jsonl(split, ranked)
+    slot = _FixedSlot(SimpleNamespace(engine=engine, tokenizer=tok))
+    (tmp_path / "M1").mkdir()
+    _, judged = _rm_judgements(cfg, tmp_path / "eval", slot, tmp_path / "M1", split)
+    section = reward_model_section(ranked, judged)
+    manifest = json.loads((tmp_path / "eval" / "rm_judgements.manifest.json").read_text())
+    if force:
+        # every sample (2 responses x eval.rm_samples=2) continued after the cue and parsed
+        assert [jd.sample_scores for jd in judged] == [[4.0, 4.0], [4.0, 4.0]]
+        assert all(raw.endswith(SCORE_CUE + "4") for jd in judged for raw in jd.raw_outputs)
+        assert sum("-force" in r.request_id for r in engine.requests) == 4
+        assert (section["parse_failures"], section["forced_score_samples"]) == (0, 4)
+        assert manifest["counts"]["forced_score_samples"] == 4
+    else:
+        assert all(s is None for jd in judged for s in jd.sample_scores)
+        assert (section["parse_failures"], section["forced_score_samples"]) == (4, 0)
+        assert manifest["counts"]["forced_score_samples"] == 0
