@@ -11,6 +11,9 @@
                                                             per-GPU memory of every TP/PP/DP layout
     selfreward report  --run-dir DIR                        report.md, plots and throughput.json
                                                             of a run directory (finished or not)
+    selfreward profile STAGE --iteration T [--config ...] [key=value ...] [--out DIR]
+                                                            one stage under torch.profiler: Chrome
+                                                            trace + top ops (perf/profile.py)
 """
 
 from __future__ import annotations
@@ -234,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--out", help="output dir (default: <pipeline.run_dir>/train_<task>); "
                                      "rerunning on it resumes from the newest checkpoint")
         t.set_defaults(func=cmd_train)
+    from megatron_selfreward.perf.profile import add_profile_parser  # selfreward profile
+
+    add_profile_parser(sub, _config_args)
     return parser
 
 

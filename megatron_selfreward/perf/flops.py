@@ -33,10 +33,17 @@ from megatron_selfreward.config import Config
 # datasheet figure: measure it on the machine (`measure_matmul_flops`) and pass it in.
 PEAK_BF16_FLOPS: dict[str, float | None] = {
     "h100-sxm": 989e12,
+    "h100-pcie": 756e12,
     "h200": 989e12,
     "a100": 312e12,
+    "l40s": 362e12,
     "cpu": None,
 }
+
+# torch.cuda.get_device_name() spellings -> PEAK_BF16_FLOPS keys, first match wins (so the
+# more specific names come first: "H100 PCIe" before the SXM default for "H100").
+_DEVICE_NAME_KEYS = (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100-sxm"),
+                     ("a100", "a100"), ("l40s", "l40s"))
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,12 @@ def peak_flops(device: str) -> float:
     if value is None:
         raise ValueError(f"{device!r} has no datasheet peak: measure it with measure_matmul_flops()")
     return value
+
+
+def peak_key_for_device_name(name: str) -> str | None:
+    """The PEAK_BF16_FLOPS key of a CUDA device name ("NVIDIA H200" -> "h200"); None if unknown."""
+    lowered = name.lower()
+    return next((key for needle, key in _DEVICE_NAME_KEYS if needle in lowered), None)
 
 
 def measure_matmul_flops(n: int = 512, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:

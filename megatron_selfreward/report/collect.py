@@ -55,6 +55,7 @@ class StageTiming:
     engine: dict[str, Any] | None
     counts: dict[str, Any]
     finished_at: str = ""
+    memory: dict[str, Any] | None = None  # the manifest's peak memory, when its writer recorded it
 
     @property
     def finished_epoch_s(self) -> float | None:
@@ -159,13 +160,14 @@ def _stages(data: RunData) -> None:
         if not isinstance(manifest, dict):
             continue
         label = _rel(data.run_dir, path)[: -len(".manifest.json")]
-        engine = manifest.get("engine")
+        engine, memory = manifest.get("engine"), manifest.get("memory")
         data.stages.append(StageTiming(
             label=label, stage=str(manifest.get("stage", "?")),
             wall_time_s=manifest.get("wall_time_s") if isinstance(manifest.get("wall_time_s"), (int, float)) else None,
             engine=engine if isinstance(engine, dict) and engine else None,
             counts=manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {},
-            finished_at=str(manifest.get("finished_at", ""))))
+            finished_at=str(manifest.get("finished_at", "")),
+            memory=memory if isinstance(memory, dict) and memory else None))
     # Run order by start (finish - wall time): finish times have 1 s resolution, and a stage
     # with sub-stages (evaluate) starts before them though it finishes after.
     data.stages.sort(key=lambda s: (s.started_epoch_s or 0.0, s.label))

@@ -11,8 +11,20 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from dataclasses import asdict
+
 from megatron_selfreward.config import Config
 from megatron_selfreward.io import atomic_write_json, atomic_write_text
+from megatron_selfreward.perf.accounting import (
+    CAUSAL_HALVED,
+    PEAK_CACHE_FILE,
+    Peak,
+    cached_peak,
+    conventions,
+    generation_accounting,
+    run_memory,
+    training_accounting,
+)
 from megatron_selfreward.report import plots
 from megatron_selfreward.report.collect import RunData, collect, generation_throughput, training_throughput
 from megatron_selfreward.stages.manifest import write_manifest
@@ -222,23 +234,62 @@ def _stage_times(data: RunData, report_dir: Path) -> list[str]:
                                             report_dir / "plots" / "stage_times.png"), "stage times", report_dir)
 
 
-def _throughput(gen_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> list[str]:
+def _gib(value: Any) -> str:
+    return NA if not isinstance(value, (int, float)) else f"{value / 1024**3:.2f}"
+
+
+def _throughput(gen_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], peak: Peak | None,
+                memory: dict[str, Any], stages: list[Any]) -> list[str]:
     lines = ["## Throughput (also in throughput.json)", ""]
     if gen_rows:
         lines += _table(["output", "stage", "requests", "samples", "prefill tokens", "prefill tok/s",
-                         "decode tokens", "decode tok/s"],
+                         "decode tokens", "decode tok/s", "mean decode batch", "output tok/s of stage"],
                         [(r["stage"], r["name"], _num(r["requests"]), _num(r["samples"]), _num(r["prefill_tokens"]),
-                          _num(r["prefill_tokens_per_s"]), _num(r["decode_tokens"]), _num(r["decode_tokens_per_s"]))
+                          _num(r["prefill_tokens_per_s"]), _num(r["decode_tokens"]), _num(r["decode_tokens_per_s"]),
+                          _num(r.get("decode_mean_batch")), _num(r.get("output_tokens_per_stage_s")))
                          for r in gen_rows])
+        lines += ["Prefill counts the tokens computed (a prompt shared by its n samples once); the "
+                  "mean decode batch is rows per decode step (batches shrink as samples finish).", ""]
     else:
         lines += _not_available("no manifest carries generation-engine statistics")
     if train_rows:
-        lines += _table(["training run", "steps", "tokens", "step time (s)", "tokens/s"],
-                        [(r["run"], r["steps"], _num(r["tokens"]), _num(r["train_time_s"]), _num(r["tokens_per_s"]))
+        lines += _table(["training run", "steps", "tokens", "step time (s)", "tokens/s", "attention seq",
+                         "GFLOP/token", "model TFLOP/s", "peak TFLOP/s", "MFU"],
+                        [(r["run"], r["steps"], _num(r["tokens"]), _num(r["train_time_s"]), _num(r["tokens_per_s"]),
+                          _num(r.get("attention_seq_len")),
+                          _num(r["flops_per_token"] / 1e9) if r.get("flops_per_token") else NA,
+                          _num(r["model_flop_s"] / 1e12) if r.get("model_flop_s") else NA,
+                          _num(r["peak_flop_s"] / 1e12) if r.get("peak_flop_s") else NA,
+                          _pct(r.get("mfu")) if r.get("mfu") is not None else NA)
                          for r in train_rows])
+        halved = "only the causal half of" if CAUSAL_HALVED else "all of"
+        lines += [f"MFU: model FLOPs (perf/flops.py, Megatron-LM's formula; {halved} the attention "
+                  "scores counted; attention at the mean real sequence length) over "
+                  + (f"{peak.source} = {peak.flop_s_per_device / 1e12:.3g} TFLOP/s per device ({peak.device})"
+                     if peak else "no peak (see throughput.json)") + ".", ""]
     else:
         lines += _not_available("no training metrics.jsonl")
+    rows = [("run (" + ("whole run" if memory.get("covers_run") else "report process only") + ")",
+             _gib(memory.get("peak_rss_bytes")), _gib(memory.get("peak_rss_children_bytes")),
+             _gib(memory.get("peak_cuda_allocated_bytes")), _gib(memory.get("peak_cuda_reserved_bytes")))]
+    rows += [(s.label, _gib(s.memory.get("peak_rss_bytes")), NA, _gib(s.memory.get("peak_cuda_allocated_bytes")),
+              _gib(s.memory.get("peak_cuda_reserved_bytes"))) for s in stages if s.memory]
+    lines += ["Peak memory (GiB):", ""]
+    lines += _table(["scope", "host RSS", "largest child RSS", "CUDA allocated", "CUDA reserved"], rows)
+    lines += [f"Run row: {memory.get('scope', NA)}." + ("" if any(s.memory for s in stages) else
+              " No stage manifest records its own peak memory."), ""]
     return lines
+
+
+def _resolve_peak(cfg: Config | None, report_dir: Path, train_rows: list[dict[str, Any]],
+                  data: RunData) -> Peak | None:
+    if not train_rows:
+        return None  # nothing to divide: do not spend a measurement
+    try:
+        return cached_peak(report_dir / PEAK_CACHE_FILE, cfg.precision.params_dtype if cfg else "float32")
+    except (KeyError, ValueError) as err:
+        data.missing.append(f"no peak FLOP/s for MFU: {err}")
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,21 +308,35 @@ def load_run_config(run_dir: Path) -> Config | None:
         return None
 
 
-def write_report(cfg: Config | None, run_dir: Path) -> Path:
-    """Write `run_dir/report/` from whatever the run directory holds; returns report.md's path."""
+def write_report(cfg: Config | None, run_dir: Path, *, peak: Peak | None = None) -> Path:
+    """Write `run_dir/report/` from whatever the run directory holds; returns report.md's path.
+
+    `peak`: the per-device FLOP/s MFU divides by; default: this machine's (perf/accounting.py),
+    measured once per run directory on CPU."""
     started = time.time()
     run_dir = Path(run_dir)
     report_dir = run_dir / "report"
     data = collect(cfg, run_dir)
     # The report's own previous manifest is not a stage of the run.
     data.stages = [s for s in data.stages if not s.label.startswith("report/")]
-    gen_rows, train_rows = generation_throughput(data.stages), training_throughput(data.training)
-    atomic_write_json(report_dir / "throughput.json", {"generation": gen_rows, "training": train_rows})
+    engines = {s.label: s.engine for s in data.stages if s.engine}
+    gen_rows = generation_accounting(generation_throughput(data.stages), engines)
+    train_rows = training_throughput(data.training)
+    peak = peak or _resolve_peak(cfg, report_dir, train_rows, data)
+    train_rows = training_accounting(train_rows, cfg, peak)
+    memory = run_memory()
+    stage_rows = [{"stage": s.label, "name": s.stage, "wall_time_s": s.wall_time_s,
+                   "finished_at": s.finished_at or None, "memory": s.memory} for s in data.stages]
+    atomic_write_json(report_dir / "throughput.json", {
+        "schema_version": 2, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "conventions": conventions(), "peak": asdict(peak) if peak else None,
+        "stages": stage_rows, "generation": gen_rows, "training": train_rows,
+        "memory": {"run": memory, "stages": {r["stage"]: r["memory"] for r in stage_rows if r["memory"]}}})
     lines = _header(data) + _missing(data)
     lines += _judge_health(data, report_dir) + _pairs(data, report_dir)
     lines += _reward_model(data, report_dir) + _head_to_head(data, report_dir) + _lengths(data)
     lines += _training(data, report_dir, train_rows) + _stage_times(data, report_dir)
-    lines += _throughput(gen_rows, train_rows)
+    lines += _throughput(gen_rows, train_rows, peak, memory, data.stages)
     out = report_dir / "report.md"
     atomic_write_text(out, "\n".join(lines).rstrip("\n") + "\n")
     write_manifest(out, "report", {"inputs": {}, "params": {}},

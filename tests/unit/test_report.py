@@ -171,7 +171,9 @@ def test_report_of_a_run_with_missing_pieces_says_what_is_missing(tmp_path):
     assert "no training metrics.jsonl" in missing
     assert text.count("_Not available:") >= 5
     assert _check_pngs(report) == {"pairs_per_iteration.png"}
-    assert json.loads((run_dir / "report" / "throughput.json").read_text()) == {"generation": [], "training": []}
+    tp = json.loads((run_dir / "report" / "throughput.json").read_text())
+    assert (tp["generation"], tp["training"], tp["stages"], tp["peak"]) == ([], [], [], None)
+    assert not (run_dir / "report" / "peak_flops.json").exists()  # no training: nothing measured
 
 
 def test_report_of_an_empty_run_dir_and_the_cli(tmp_path, capsys):
@@ -184,3 +186,64 @@ def test_report_of_an_empty_run_dir_and_the_cli(tmp_path, capsys):
     text = (run_dir / "report" / "report.md").read_text()
     assert "no iter<t>/ directories" in text and "no stage manifests" in text
     assert main(["report", "--run-dir", str(tmp_path / "nowhere")]) == 2
+
+
+# Tiny preset by hand (L 2, h 64, f 160, 4 heads of 16, 2 KV groups, V 512): GEMM parameters per
+# layer Q 64x64 + O 64x64 + K,V 2 x 64x32 + MLP 3 x 64x160 = 43,008; x 2 layers + output 64x512
+# -> N = 118,784, 6 N = 712,704; causal-halved attention 12 L h s / 2 = 768 s.
+def tiny_flops_per_token(seq_len: float) -> float:
+    return 712_704 + 768 * seq_len
+
+
+def test_training_mfu_and_generation_accounting_by_hand(full_run):
+    from megatron_selfreward.perf.accounting import Peak
+
+    run_dir, training = full_run
+    peak = Peak("cpu", 2.0e9, "float32", "given", "host", 1, "now")
+    write_report(load_config(run_dir / "config.yaml"), run_dir, peak=peak)
+    tp = json.loads((run_dir / "report" / "throughput.json").read_text())
+    assert tp["conventions"]["causal_attention_halved"] is True
+    assert tp["peak"]["flop_s_per_device"] == 2.0e9 and tp["peak"]["source"] == "given"
+    train = {row["run"]: row for row in tp["training"]}
+    # tiny: global batch 4, seq_len 128. SFT: 5150 tokens / (5 steps x 4) = 257.5 -> capped at 128;
+    # DPO: 3060 tokens / (3 steps x 4 pairs x 2 sequences) = 127.5.
+    for label, sequences, seq in (("SFT -> M1", 4, 128.0), ("DPO -> M2", 8, 127.5)):
+        records, row = training[label], train[label]
+        tokens = sum(r["tokens"] for r in records)
+        seconds = sum(r["step_time_s"] for r in records)
+        assert row["attention_seq_len"] == pytest.approx(min(tokens / (len(records) * sequences), 128))
+        assert row["attention_seq_len"] == pytest.approx(seq)
+        assert row["flops_per_token"] == pytest.approx(tiny_flops_per_token(seq))
+        assert row["mfu"] == pytest.approx(tokens / seconds * tiny_flops_per_token(seq) / 2.0e9)
+        assert row["peak_devices"] == 1
+    gen = {row["stage"]: row for row in tp["generation"]}
+    for t in (1, 2):
+        row = gen[f"iter{t}/responses"]
+        prefill, prefill_s, decode, decode_s = ENGINE["responses"]
+        assert row["engine_time_s"] == pytest.approx(prefill_s + decode_s)
+        assert row["output_tokens_per_engine_s"] == pytest.approx(decode / (prefill_s + decode_s))
+        assert row["output_tokens_per_stage_s"] == pytest.approx(decode / row["wall_time_s"])
+    stages = {row["stage"]: row for row in tp["stages"]}
+    assert stages["iter1/responses"]["wall_time_s"] == pytest.approx(2.0, abs=0.05)
+    assert stages["models/M1"]["name"] == "train_sft"
+    text = (run_dir / "report" / "report.md").read_text()
+    assert "only the causal half of the attention scores" in text and "| MFU |" in text
+    assert "Peak memory (GiB)" in text
+
+
+def test_peak_is_measured_once_per_run_dir(tmp_path):
+    from megatron_selfreward.perf.accounting import cached_peak
+
+    calls = []
+
+    def fake_measure(**kwargs):
+        calls.append(kwargs)
+        return 1.0e9 * len(calls)
+
+    cache = tmp_path / "report" / "peak_flops.json"
+    first = cached_peak(cache, "bfloat16", measure=fake_measure)
+    again = cached_peak(cache, "bfloat16", measure=fake_measure)
+    assert first == again and first.flop_s_per_device == 1.0e9 and len(calls) == 1
+    assert calls[0]["dtype"] is __import__("torch").bfloat16
+    other = cached_peak(cache, "float32", measure=fake_measure)  # another dtype: measured anew
+    assert other.flop_s_per_device == 2.0e9 and other.dtype == "float32"
