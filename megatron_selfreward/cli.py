@@ -7,6 +7,8 @@
     selfreward convert gguf-to-hf | hf-to-megatron | megatron-to-hf ...   checkpoint conversion
     selfreward train   sft|dpo [--config ...] [--data PATH] [--init MODEL_DIR] [--out DIR] [key=value ...]
                                                             SFT or DPO (torchrun/srun for > 1 process)
+    selfreward slurm   submit|status [--config ...|--run-dir DIR] [--iteration T] [key=value ...]
+                                                            the run as chained sbatch jobs
     selfreward plan    [--config NAME|PATH] --gpus-per-node 8 --nodes N --gpu-mem-gib 80
                                                             per-GPU memory of every TP/PP/DP layout
     selfreward report  --run-dir DIR                        report.md, plots and throughput.json
@@ -60,7 +62,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     from megatron_selfreward.pipeline.run import run_one
 
-    run_one(_load(args), args.name, args.iteration)
+    run_one(_load(args), args.name, args.iteration, array=args.array, gather_only=args.gather_only)
+    return 0
+
+
+def _load_run(args: argparse.Namespace):
+    """--run-dir DIR (its config.yaml, + overrides) or --config as usual."""
+    if args.run_dir:
+        path = Path(args.run_dir) / "config.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"--run-dir {args.run_dir} has no config.yaml: start the run with "
+                                    "--config NAME (the run directory is pipeline.run_dir)")
+        return load_config(path, args.overrides)
+    return _load(args)
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from megatron_selfreward.pipeline import slurm
+
+    cfg = _load_run(args)
+    if args.action == "status":
+        print(slurm.format_status(slurm.slurm_status(cfg)))
+        return 0
+    jobs = slurm.submit_run(cfg, args.iteration, force=args.force)
+    print(" ".join(job.job_id for job in jobs) if jobs else "nothing to submit: every stage is done")
     return 0
 
 
@@ -202,8 +227,25 @@ def build_parser() -> argparse.ArgumentParser:
         one = names.add_parser(name, help=f"the {name} stage")
         one.add_argument("--iteration", type=int, default=0,
                          help="0 for seed/EFT/SFT stages, t for iteration t; evaluate: the model index")
+        one.add_argument("--array", action="store_true",
+                         help="sharded stages: this is one task of a Slurm job array (compute its "
+                              "shards, leave gathering to a --gather-only run)")
+        one.add_argument("--gather-only", action="store_true",
+                         help="sharded stages: write the output from the shards on disk, compute none")
         _config_args(one)
         one.set_defaults(func=cmd_stage)
+    slurm = sub.add_parser("slurm", help="submit the run to Slurm as chained jobs, or show its status")
+    actions = slurm.add_subparsers(dest="action", required=True)
+    for action, help_text in [("submit", "render and submit every unfinished stage; prints the job ids"),
+                              ("status", "stage states from the manifests and scontrol/sacct")]:
+        a = actions.add_parser(action, help=help_text)
+        _config_args(a)
+        a.add_argument("--run-dir", help="an existing run directory (uses its config.yaml)")
+        a.add_argument("--iteration", type=int, default=None,
+                       help="submit unfinished stages up to this iteration (default: the whole run)")
+        a.add_argument("--force", action="store_true",
+                       help="submit even if jobs of this run are still queued or running")
+        a.set_defaults(func=cmd_slurm)
     plan = sub.add_parser("plan", help="per-GPU memory of each parallel layout, and which fit")
     _config_args(plan)
     plan.add_argument("--gpus-per-node", type=int, default=0,

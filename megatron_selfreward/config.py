@@ -93,6 +93,16 @@ class PrecisionConfig:
 
 
 @dataclass
+class TrainConfig:
+    # Per-token log-probs of the training targets (SFT loss, DPO log-ratios): "off" = megatron's
+    # output layer + vocab-parallel cross entropy (any TP); "triton" / "torch" / "auto" (Triton on
+    # CUDA, else torch) = kernels/logprobs.py, chunked over the vocabulary so the [tokens, vocab]
+    # logits never exist (TP = 1 only). On CPU the torch chunks recompute the logits in fp32:
+    # less memory, more time, hence "off".
+    logprob_kernel: Literal["off", "auto", "triton", "torch"] = "off"
+
+
+@dataclass
 class DataConfig:
     # "builtin" = the seed data shipped in the package; else a directory with ift.jsonl etc.
     seed: str = "builtin"
@@ -228,20 +238,38 @@ class PipelineConfig:
 
 @dataclass
 class SlurmConfig:
+    """#SBATCH defaults of the per-stage jobs (`selfreward slurm submit`, slurm/iteration.sh)."""
+
     partition: str = ""
     account: str = ""
-    nodes: int = 1
-    gpus_per_node: int = 8
+    qos: str = ""
+    nodes: int = 1  # of the training jobs (SFT, DPO); other stages use one node
+    gpus_per_node: int = 8  # 0 on CPU-only clusters
+    ntasks_per_node: int = 0  # processes per node; 0 = one per GPU (1 without GPUs)
     cpus_per_task: int = 8
-    time: str = "04:00:00"
-    container_image: str = ""
-    extra_sbatch: list[str] = field(default_factory=list)
+    mem: str = ""  # e.g. "0" (the whole node) or "200G"; empty = the cluster's default
+    time: str = "04:00:00"  # wall-time limit of each stage job
+    # sample_responses / judge_responses: a job array of this many tasks, each `array_nodes`
+    # nodes, splitting the shards; a plain job gathers them afterwards.
+    array_tasks: int = 2
+    array_nodes: int = 1
+    mpi: str = "pmix"  # srun --mpi=...; "none" for torch.distributed only
+    # The interpreter on the compute nodes (inside the container, if any); empty = the one
+    # running `selfreward slurm submit` (a virtualenv on a shared file system).
+    python: str = ""
+    setup: list[str] = field(default_factory=list)  # shell lines before each stage: module load, source ...
+    container_image: str = ""  # pyxis/enroot: srun --container-image
+    container_mounts: str = ""  # srun --container-mounts (the run directory must be visible)
+    extra_sbatch: list[str] = field(default_factory=list)  # verbatim "--key=value" options
 
 
 @dataclass
 class ExecutorConfig:
     kind: Literal["local", "slurm"] = "local"
     nproc_per_node: int = 1
+    # Sharded generation across processes: torch.distributed (torchrun, srun) or mpi4py
+    # (mpirun, srun --mpi=pmix); auto = mpi under mpirun, torch otherwise.
+    shard_comm: Literal["auto", "torch", "mpi"] = "auto"
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -250,6 +278,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -464,7 +493,7 @@ def _check_world(cfg: Config) -> None:
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     world = p.world_size
     if cfg.executor.kind == "slurm" and world == 0:
-        world = cfg.executor.slurm.nodes * cfg.executor.slurm.gpus_per_node
+        world = cfg.executor.slurm.nodes * tasks_per_node(cfg.executor.slurm)
         key = "executor.slurm.gpus_per_node"
     else:
         key = "parallel.world_size"
@@ -472,6 +501,11 @@ def _check_world(cfg: Config) -> None:
         _require(world % model_parallel == 0, key,
                  f"world size {world} is not divisible by TP x PP = {model_parallel}")
         check_batch_layout(cfg, world)
+
+
+def tasks_per_node(slurm: SlurmConfig) -> int:
+    """Processes per node of a Slurm job: as configured, else one per GPU, else one."""
+    return slurm.ntasks_per_node or slurm.gpus_per_node or 1
 
 
 def check_batch_layout(cfg: Config, world_size: int) -> None:
@@ -516,13 +550,30 @@ def _check_pipeline_keys(cfg: Config) -> None:
     _require(0.0 < pg.top_p <= 1.0, "generation.prompts.top_p", "must be in (0, 1]")
 
 
+def _check_slurm(cfg: Config) -> None:
+    sl = cfg.executor.slurm
+    for name in ("nodes", "array_tasks", "array_nodes", "cpus_per_task"):
+        _require(getattr(sl, name) >= 1, f"executor.slurm.{name}", f"must be >= 1, got {getattr(sl, name)}")
+    for name in ("gpus_per_node", "ntasks_per_node"):
+        _require(getattr(sl, name) >= 0, f"executor.slurm.{name}", f"must be >= 0, got {getattr(sl, name)}")
+    _require(not sl.time or re.fullmatch(r"(\d+-)?\d+(:\d{2}){0,2}", sl.time) is not None,
+             "executor.slurm.time", f"{sl.time!r} is not a Slurm time (e.g. 04:00:00 or 1-12:00:00)")
+    for option in sl.extra_sbatch:
+        _require(option.startswith("--") and "\n" not in option, "executor.slurm.extra_sbatch",
+                 f"{option!r}: give each option as '--name=value'")
+
+
 def validate(cfg: Config) -> None:
     _check_positive(cfg)
+    _check_slurm(cfg)
     _check_model(cfg)
     _check_world(cfg)
     _check_eval(cfg)
     _require(not cfg.precision.fp8 or cfg.precision.params_dtype == "bfloat16",
              "precision.fp8", "FP8 training runs with bfloat16 params (set precision.params_dtype)")
+    _require(cfg.train.logprob_kernel == "off" or cfg.parallel.tensor_model_parallel_size == 1,
+             "train.logprob_kernel", "the log-prob kernel needs the whole vocabulary on one rank "
+             "(tensor_model_parallel_size 1); use 'off' (megatron's vocab-parallel cross entropy)")
     for section in ("sft", "dpo"):
         opt: OptimConfig = getattr(cfg, section)
         _require(opt.min_lr <= opt.lr, f"{section}.min_lr", f"{opt.min_lr} is above lr {opt.lr}")

@@ -28,7 +28,7 @@ class DistEnv:
     local_rank: int
     master_addr: str
     master_port: int
-    launcher: str  # "torchrun", "slurm" or "single"
+    launcher: str  # "torchrun", "slurm", "mpi" or "single"
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -61,7 +61,21 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             master_port=int(env.get("MASTER_PORT", "29500")),
             launcher="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        # mpirun (Open MPI), also inside a Slurm allocation, where the SLURM_* task variables
+        # describe mpirun's daemons, not these ranks. MASTER_ADDR/PORT, when absent, are agreed
+        # over MPI by `mpi_rendezvous`.
+        return DistEnv(
+            rank=int(env["OMPI_COMM_WORLD_RANK"]),
+            world_size=int(env["OMPI_COMM_WORLD_SIZE"]),
+            local_rank=int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")),
+            master_addr=env.get("MASTER_ADDR", ""),
+            master_port=int(env.get("MASTER_PORT", "0")),
+            launcher="mpi",
+        )
+    # Only inside a job step (srun) do SLURM_PROCID/SLURM_NTASKS name this process: a batch
+    # script also sees SLURM_NTASKS (the allocation's) and SLURM_PROCID=0 but is one process.
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
         # A port every task of the job derives alike, so no rendezvous is needed to agree on it.
         default_port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
@@ -76,19 +90,38 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", 0, "single")
 
 
+def mpi_rendezvous(env: DistEnv) -> DistEnv:
+    """Rank 0's host name and a free port on it, broadcast over MPI (mpi4py) to every rank."""
+    import socket
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    address = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            address = (socket.gethostname() if comm.Get_size() > 1 else "127.0.0.1", sock.getsockname()[1])
+    host, port = comm.bcast(address, root=0)
+    return DistEnv(env.rank, env.world_size, env.local_rank, env.master_addr or host,
+                   env.master_port or port, env.launcher)
+
+
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _init_process_group(env: DistEnv) -> None:
+def start_process_group(env: DistEnv, timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> None:
+    """torch.distributed for the launcher's processes; `timeout` bounds every collective."""
     import torch.distributed as dist
 
-    timeout = datetime.timedelta(minutes=30)
     if env.launcher == "single":
         # No launcher: an in-process store, nothing listening on a port.
         dist.init_process_group(backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return
-    if env.launcher == "slurm":
+    if env.launcher == "mpi" and not (env.master_addr and env.master_port):
+        env = mpi_rendezvous(env)
+    if env.launcher in ("slurm", "mpi"):
         # env:// reads these; under torchrun they are set already and connect to torchrun's own store.
         os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
                           RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
@@ -120,7 +153,7 @@ def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None) -> D
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
-        _init_process_group(env)
+        start_process_group(env)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,

@@ -10,14 +10,14 @@ as the sharded sample/judge stages, write it themselves).
 Models are loaded once per stage group: `StageContext.policy(dir)` keeps the last policy, so
 sampling and judging with M_t share one load, and training stages drop it first to free memory.
 World size 1 runs everything inside one gloo process group; training stages reuse it. With
-`executor.nproc_per_node > 1` the training stages run as `selfreward stage ...` under torchrun
-(generation stays in this process).
+`executor.nproc_per_node > 1` the training stages and the sharded generation stages run as
+`selfreward stage ...` under torchrun (generation split over data-parallel ranks, see
+`pipeline/workers.py`).
 """
 
 from __future__ import annotations
 
 import gc
-import os
 import subprocess
 import sys
 import time
@@ -42,10 +42,12 @@ NO_PRECHECK = {"report"}
 class StageContext:
     """What stages share within one executor run: the run directory and a one-model cache."""
 
-    def __init__(self, cfg: Config, log: Log) -> None:
+    def __init__(self, cfg: Config, log: Log, array: bool = False, gather_only: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.pipeline.run_dir)
         self.log = log
+        # Sharded stages under Slurm: one task of a job array, or the job that gathers after it.
+        self.array, self.gather_only = array, gather_only
         self._policy: tuple[Path, Any] | None = None
 
     def policy(self, directory: Path) -> Any:
@@ -85,15 +87,18 @@ def _build_eft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any
 
 
 def _world_size() -> int:
-    """Processes of the launcher that started this one (torchrun / srun); 1 when run plainly."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """Processes of the launcher that started this one (torchrun, srun, mpirun); 1 when plain."""
+    from megatron_selfreward.megatron.parallel import read_dist_env
+
+    return read_dist_env().world_size
 
 
 def _torchrun(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
-    """Run a training stage as `selfreward stage` under torchrun; it writes its own manifest."""
+    """Run a stage as `selfreward stage` under torchrun; it writes its own manifest."""
     from megatron_selfreward.stages.train import prepare_out_dir
 
-    prepare_out_dir(spec.output, spec_fingerprint(spec))  # here, once, not racing in each rank
+    if spec.distributed:
+        prepare_out_dir(spec.output, spec_fingerprint(spec))  # here, once, not racing in each rank
     n = cfg.executor.nproc_per_node
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
            "-m", "megatron_selfreward.cli", "stage", spec.name, "--iteration", str(spec.iteration),
@@ -101,6 +106,12 @@ def _torchrun(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     code = subprocess.run(cmd, check=False).returncode
     if code != 0:
         raise StageError(f"{spec.label}: torchrun with {n} processes exited {code} (its output is above)")
+
+
+def _rank() -> int:
+    from megatron_selfreward.megatron.parallel import read_dist_env
+
+    return read_dist_env().rank
 
 
 def _launched(cfg: Config) -> bool:
@@ -128,20 +139,42 @@ def _generate_prompts(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[s
     return run_generate_prompts(cfg, spec.iteration, spec.inputs["ift"], earlier, policy, spec.output)
 
 
+def _sharded(cfg: Config, spec: StageSpec, ctx: StageContext, run: Callable[..., Any]) -> None:
+    """A generation stage split over this launcher's workers; the model loads on first use."""
+    from megatron_selfreward.pipeline.workers import LazyEngine, generation_workers
+    from megatron_selfreward.policy import load_tokenizer
+
+    if _launched(cfg) and not (ctx.array or ctx.gather_only):
+        return _torchrun(cfg, spec, ctx)
+    model = spec.inputs["model"]
+    tokenizer = load_tokenizer(cfg, model)
+    with generation_workers(cfg, ctx.array, ctx.gather_only) as workers:
+        if workers.size > 1:
+            ctx.log(f"      {spec.name}: worker {workers.rank} of {workers.size} ({workers.name})")
+        run(LazyEngine(lambda: ctx.policy(model).engine), tokenizer, workers)
+        if workers.name not in ("single", "gather"):
+            ctx.release()  # the model belongs to this stage's world, which ends here
+    return None
+
+
 def _sample_responses(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     from megatron_selfreward.stages.respond import run_sample_responses
 
-    policy = ctx.policy(spec.inputs["model"])
-    run_sample_responses(cfg, policy.engine, policy.tokenizer, spec.inputs["prompts"],
-                         manifest_path(spec.inputs["model"]), spec.output)
+    def run(engine: Any, tokenizer: Any, workers: Any) -> None:
+        run_sample_responses(cfg, engine, tokenizer, spec.inputs["prompts"],
+                             manifest_path(spec.inputs["model"]), spec.output, workers)
+
+    _sharded(cfg, spec, ctx, run)
 
 
 def _judge_responses(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     from megatron_selfreward.stages.respond import run_judge_responses
 
-    policy = ctx.policy(spec.inputs["model"])
-    run_judge_responses(cfg, policy.engine, policy.tokenizer, spec.inputs["prompts"],
-                        spec.inputs["responses"], manifest_path(spec.inputs["model"]), spec.output)
+    def run(engine: Any, tokenizer: Any, workers: Any) -> None:
+        run_judge_responses(cfg, engine, tokenizer, spec.inputs["prompts"], spec.inputs["responses"],
+                            manifest_path(spec.inputs["model"]), spec.output, workers)
+
+    _sharded(cfg, spec, ctx, run)
 
 
 def _build_pairs(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
@@ -201,7 +234,7 @@ def run_stage(cfg: Config, spec: StageSpec, ctx: StageContext) -> bool:
     fp = spec_fingerprint(spec)  # of the inputs as they are now, before the stage reads them
     counts = STAGES[spec.name](cfg, spec, ctx)
     # None: the stage wrote its own manifest (or a launched sub-process did). Rank 0 writes.
-    if counts is not None and int(os.environ.get("RANK", "0")) == 0:
+    if counts is not None and _rank() == 0:
         write_manifest(spec.output, spec.name, fp, counts, started, {"iteration": spec.iteration})
     return True
 

@@ -9,7 +9,6 @@ responses -> judgements -> pairs -> DPO (M_{t+1}) -> evaluation; finished stages
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,22 @@ def run(cfg: Config, log: Any = print) -> dict[str, Any]:
     return summary
 
 
-def run_one(cfg: Config, name: str, iteration: int, log: Any = print) -> bool:
-    """Run the stage `name` of iteration `iteration` from the plan; False if it was already done."""
-    from megatron_selfreward.megatron.parallel import single_process_world
+def run_one(cfg: Config, name: str, iteration: int, log: Any = print, array: bool = False,
+            gather_only: bool = False) -> bool:
+    """Run the stage `name` of iteration `iteration` from the plan; False if it was already done.
+
+    Under a launcher (torchrun, srun, mpirun) every process calls this: a training stage runs
+    in one world (rank 0 prepares its output directory first), a sharded generation stage splits
+    its shards over the processes (`array`: this is one task of a Slurm job array;
+    `gather_only`: assemble what the array wrote), and any other stage runs on rank 0 alone.
+    """
+    from megatron_selfreward.megatron.parallel import read_dist_env, single_process_world
+    from megatron_selfreward.pipeline.workers import SHARDED_STAGES
 
     spec = find_stage(plan(cfg), name, iteration)
     run_dir = Path(cfg.pipeline.run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    env = read_dist_env()
+    if env.rank == 0 and not (run_dir / "config.yaml").is_file():
         save_resolved(cfg, run_dir)
     if stage_done(spec):
         log(f"{spec.label} (done)")
@@ -50,12 +58,32 @@ def run_one(cfg: Config, name: str, iteration: int, log: Any = print) -> bool:
     if missing:
         raise FileNotFoundError(f"stage {spec.label} needs {', '.join(missing)}: run the stages "
                                 "before it first (selfreward run does all of them)")
-    log(f"{spec.label} -> {spec.output}")
-    ctx = StageContext(cfg, log)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        run_stage(cfg, spec, ctx)  # under torchrun / srun: the training stage starts its own world
-        return True
-    with single_process_world(cfg.pipeline.seed):
-        run_stage(cfg, spec, ctx)
-        ctx.release()
+    if env.rank == 0:
+        log(f"{spec.label} -> {spec.output}")
+    ctx = StageContext(cfg, log, array=array, gather_only=gather_only)
+    if spec.name in SHARDED_STAGES:
+        run_stage(cfg, spec, ctx)  # forms its worker group (and world) itself
+    elif env.world_size > 1 and spec.distributed:
+        _run_distributed(cfg, spec, ctx)
+    elif env.world_size > 1 and env.rank > 0:
+        return False  # a one-process stage started by a launcher: rank 0 runs it
+    else:
+        with single_process_world(cfg.pipeline.seed):
+            run_stage(cfg, spec, ctx)
+    ctx.release()
     return True
+
+
+def _run_distributed(cfg: Config, spec: Any, ctx: StageContext) -> None:
+    """A training stage in the launcher's world; rank 0 readies the output directory first."""
+    import torch.distributed as dist
+
+    from megatron_selfreward.pipeline.plan import spec_fingerprint
+    from megatron_selfreward.stages.train import prepare_out_dir
+    from megatron_selfreward.train.loop import training_world
+
+    with training_world(cfg):
+        if dist.get_rank() == 0:
+            prepare_out_dir(spec.output, spec_fingerprint(spec))
+        dist.barrier()
+        run_stage(cfg, spec, ctx)

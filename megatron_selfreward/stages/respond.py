@@ -24,7 +24,7 @@ from megatron_selfreward.judging.parse import judgement_from_outputs, parse_scor
 from megatron_selfreward.judging.prompt import load_template, render_judge_prompt
 from megatron_selfreward.records import Judgement, PreferencePair, Prompt, Response
 from megatron_selfreward.stages.manifest import fingerprint, is_done, manifest_path, write_manifest
-from megatron_selfreward.stages.shards import clear_shards, run_sharded
+from megatron_selfreward.stages.shards import SINGLE, Workers, clear_shards, run_sharded, worker_stats
 from megatron_selfreward.tokenizer import Tokenizer, render_chat
 
 
@@ -102,8 +102,35 @@ def reset_engine_stats(engine: Any) -> None:
         reset()
 
 
+def merged_engine_stats(out: Path) -> dict[str, Any]:
+    """The engine counters of every worker that computed shards of `out`, summed; rates are
+    recomputed from the sums (per worker-second: the workers ran side by side)."""
+    workers = worker_stats(out)
+    total: dict[str, Any] = {}
+    for entry in workers:
+        for key, value in entry.get("stats", {}).items():
+            if isinstance(value, (int, float)) and not key.endswith(("_fraction", "_per_s")):
+                total[key] = total.get(key, 0) + value
+    requested = total.get("prefill_tokens_requested", 0)
+    if requested:
+        total["prefill_saved_fraction"] = 1.0 - total.get("prefill_tokens_computed", 0) / requested
+    busy = total.get("prefill_time_s", 0) + total.get("decode_time_s", 0)
+    if busy:
+        total["output_tokens_per_s"] = total.get("decode_tokens", 0) / busy
+    if workers:
+        total["workers"] = max(int(e.get("workers", 1)) for e in workers)
+        total["shards_computed"] = sum(int(e.get("shards_computed", 0)) for e in workers)
+    return total
+
+
+def _engine_stats(engine: Any) -> dict[str, Any]:
+    return dict(getattr(engine, "stats", {}) or {})
+
+
 def run_sample_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_path: Path,
-                         model_manifest: Path, out: Path) -> list[Response]:
+                         model_manifest: Path, out: Path, workers: Workers = SINGLE) -> list[Response] | None:
+    """Sample N responses per prompt. With several `workers`, each computes its share of the
+    shards; the gathering worker writes the output and manifest (others return None)."""
     g = cfg.generation
     fp = fingerprint({"prompts": prompts_path, "model": model_manifest}, sampling_params(cfg))
     if is_done(out, fp):
@@ -125,11 +152,16 @@ def run_sample_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts
                 for p, outs in _generated(engine, shard) if outs is not None
                 for i, s in enumerate(outs)]
 
-    responses, reused = run_sharded(entries, cfg.pipeline.shard_size, out, fp, process, Response)
+    responses, reused = run_sharded(entries, cfg.pipeline.shard_size, out, fp, process, Response,
+                                    workers=workers, stats=lambda: _engine_stats(engine))
+    if responses is None:
+        return None
+    engine_stats = merged_engine_stats(out)
     too_long = sum(req is None for _, req in entries)
     write_manifest(out, "sample_responses", fp,
                    {"prompts": len(prompts), "responses": len(responses), "prompts_too_long": too_long},
-                   started, {"engine": dict(engine.stats), "shards_reused": reused})
+                   started, {"engine": engine_stats, "shards_reused": reused,
+                             "workers": engine_stats.get("workers", workers.size)})
     clear_shards(out)
     return responses
 
@@ -142,7 +174,9 @@ def _unjudged(response: Response) -> Judgement:
 
 
 def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_path: Path,
-                        responses_path: Path, model_manifest: Path, out: Path) -> list[Judgement]:
+                        responses_path: Path, model_manifest: Path, out: Path,
+                        workers: Workers = SINGLE) -> list[Judgement] | None:
+    """Judge every response k times; sharded over `workers` like run_sample_responses."""
     j = cfg.judge
     fp = fingerprint({"prompts": prompts_path, "responses": responses_path, "model": model_manifest},
                      judge_params(cfg))
@@ -173,14 +207,21 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
                 if req is not None else _unjudged(r)
                 for r, req in shard]
 
-    judgements, reused = run_sharded(entries, cfg.pipeline.shard_size, out, fp, process, Judgement)
+    judgements, reused = run_sharded(entries, cfg.pipeline.shard_size, out, fp, process, Judgement,
+                                     workers=workers,
+                                     stats=lambda: {**_engine_stats(engine), "forced_score_samples": forced})
+    if judgements is None:
+        return None
+    engine_stats = merged_engine_stats(out)
     failures = Counter(reason for jd in judgements for reason in jd.failure_reasons if reason)
     write_manifest(out, "judge_responses", fp,
                    {"responses": len(responses), "judge_samples": sum(len(jd.raw_outputs) for jd in judgements),
                     "parse_failures": dict(failures),
                     "too_long_to_judge": sum(req is None for _, req in entries),
-                    "forced_score_samples": forced},  # in this process (shards_reused: earlier ones)
-                   started, {"engine": dict(engine.stats), "shards_reused": reused})
+                    # by the workers that computed shards now (shards_reused: earlier runs)
+                    "forced_score_samples": int(engine_stats.pop("forced_score_samples", forced))},
+                   started, {"engine": engine_stats, "shards_reused": reused,
+                             "workers": engine_stats.get("workers", workers.size)})
     clear_shards(out)
     return judgements
 

@@ -1,24 +1,35 @@
 """Resumable sharded stages: work in fixed shards, each written atomically as it completes.
 
 `run_sharded` cuts a stage's input list into shards of `shard_size` items; shard i's records go
-to `<out stem>.shards/shard_0000i.jsonl` by atomic rename the moment it is done. A rerun after a
-crash (or kill -9) reads the finished shards back and computes only the missing ones; the final
-output is the shards concatenated in input order. Results cannot depend on where the
-interruption happened because the shard boundaries are a function of the input alone and every
-generation request carries its own seed (the engine derives it from the request id).
+to `<out stem>.shards/<work id>/shard_0000i.jsonl` by atomic rename the moment it is done. A
+rerun after a crash (or kill -9) reads the finished shards back and computes only the missing
+ones; the final output is the shards concatenated in input order. Results cannot depend on where
+the interruption happened because the shard boundaries are a function of the input alone and
+every generation request carries its own seed (the engine derives it from the request id).
 
-The shard directory remembers the fingerprint and shard size it was written under; any change
-discards it. `clear_shards` removes it once the stage's manifest is written.
+The work id is a hash of the fingerprint and shard size, so shards written for other inputs are
+never reused, and several workers can open the directory at once without racing to clear it.
+
+Several workers can share one stage (`Workers`): data-parallel ranks of a torchrun/srun job,
+MPI ranks, or the tasks of a Slurm job array. Worker r of n computes the missing shards i with
+i % n == r; each writes its engine statistics beside the shards. The gathering worker waits at
+the group's barrier, then concatenates every shard; array tasks do not gather (a plain run of
+the stage does that afterwards, reusing every shard). `clear_shards` removes the directory once
+the stage's manifest is written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from megatron_selfreward.io import atomic_write_json, read_records, write_jsonl
+from megatron_selfreward.stages.errors import StageError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -26,53 +37,122 @@ R = TypeVar("R")
 META = "meta.json"
 
 
+def _no_barrier() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Which shards this process computes, and whether it assembles the output."""
+
+    rank: int = 0
+    size: int = 1
+    writes: bool = True  # False on ranks that compute a copy (tensor-parallel ranks > 0)
+    gathers: bool = True  # waits at `barrier`, then concatenates every shard
+    barrier: Callable[[], None] = field(default=_no_barrier, compare=False)
+    name: str = "single"  # how the group was formed, for manifests and logs
+    computes: bool = True  # False: only gather shards other processes wrote
+
+    def owns(self, index: int) -> bool:
+        return self.computes and index % self.size == self.rank
+
+
+SINGLE = Workers()
+GATHER_ONLY = Workers(computes=False, name="gather")
+
+
 def shard_dir(out: Path) -> Path:
     return out.parent / f"{out.name.split('.')[0]}.shards"
 
 
-def shard_path(out: Path, index: int) -> Path:
-    return shard_dir(out) / f"shard_{index:05d}.jsonl"
+def work_dir(out: Path, meta: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return shard_dir(out) / digest
 
 
-def _open_shards(out: Path, meta: dict[str, Any]) -> None:
-    """Keep the shard directory only if it was written for exactly this work."""
-    directory = shard_dir(out)
-    try:
-        same = json.loads((directory / META).read_text()) == meta
-    except (FileNotFoundError, json.JSONDecodeError):
-        same = False
-    if not same:
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
-        atomic_write_json(directory / META, meta)
+def shard_path(directory: Path, index: int) -> Path:
+    return directory / f"shard_{index:05d}.jsonl"
+
+
+def _open_shards(out: Path, meta: dict[str, Any]) -> Path:
+    """This work's shard directory; directories left by other work are removed."""
+    directory = work_dir(out, meta)
+    if shard_dir(out).is_dir():
+        for other in shard_dir(out).iterdir():
+            if other != directory and other.is_dir() and (other / META).is_file():
+                shutil.rmtree(other, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / META).is_file():
+        atomic_write_json(directory / META, meta)  # same content from every worker
+    return directory
+
+
+def _read_shards(directory: Path, total: int, record_cls: type[R]) -> list[R]:
+    missing = [i for i in range(total) if not shard_path(directory, i).is_file()]
+    if missing:
+        raise StageError(
+            f"{len(missing)} of {total} shards are missing in {directory} (first: {missing[0]}): a worker "
+            "ended without writing its shards. Rerun the stage: finished shards are kept.")
+    records: list[R] = []
+    for index in range(total):
+        records.extend(read_records(shard_path(directory, index), record_cls))
+    return records
+
+
+def worker_stats(out: Path) -> list[dict[str, Any]]:
+    """The statistics every worker of the current work wrote (see run_sharded's `stats`)."""
+    found = []
+    for path in sorted(shard_dir(out).glob("*/worker_*.json")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue  # a worker's statistics are informative only
+    return found
 
 
 def run_sharded(items: Sequence[T], shard_size: int, out: Path, fp: dict[str, Any],
                 process: Callable[[Sequence[T]], list[R]], record_cls: type[R],
-                on_shard: Callable[[int, int, bool], None] | None = None) -> tuple[list[R], int]:
-    """All records of `items` in input order, and how many shards were reused from disk.
+                on_shard: Callable[[int, int, bool], None] | None = None,
+                workers: Workers = SINGLE,
+                stats: Callable[[], dict[str, Any]] | None = None) -> tuple[list[R] | None, int]:
+    """All records of `items` in input order (None on a worker that does not gather), and how
+    many shards were already on disk.
 
     `process(shard_items)` returns the shard's records; `on_shard(index, total, reused)` reports
-    progress.
+    progress on this worker's shards; `stats()` (e.g. the engine's counters) is saved per worker.
     """
     meta = {"fingerprint": fp, "shard_size": shard_size, "items": len(items)}
     meta = json.loads(json.dumps(meta, sort_keys=True, default=str))
-    _open_shards(out, meta)
+    directory = _open_shards(out, meta)
     total = max(1, -(-len(items) // shard_size))
-    records: list[R] = []
-    reused = 0
+    started, computed = time.time(), 0
+    # Before any worker of this run writes: what an earlier run left.
+    done_before = {i for i in range(total) if shard_path(directory, i).is_file()}
+    if workers.size > 1:
+        workers.barrier()  # every worker has looked before any writes
     for index in range(total):
-        path = shard_path(out, index)
-        was_done = path.is_file()
-        if was_done:
-            records.extend(read_records(path, record_cls))
-            reused += 1
-        else:
-            shard = process(items[index * shard_size : (index + 1) * shard_size])
-            write_jsonl(path, shard)
-            records.extend(shard)
+        if not workers.owns(index):
+            continue
+        if index in done_before:
+            if on_shard is not None:
+                on_shard(index, total, True)
+            continue
+        shard = process(items[index * shard_size : (index + 1) * shard_size])
+        computed += 1
+        if workers.writes:
+            write_jsonl(shard_path(directory, index), shard)
         if on_shard is not None:
-            on_shard(index, total, was_done)
+            on_shard(index, total, False)
+    if workers.writes and computed:
+        atomic_write_json(directory / f"worker_{workers.rank:05d}-of-{workers.size:05d}.json",
+                          {"worker": workers.rank, "workers": workers.size, "group": workers.name,
+                           "shards_computed": computed, "wall_time_s": round(time.time() - started, 3),
+                           "stats": stats() if stats is not None else {}})
+    workers.barrier()
+    reused = len(done_before)
+    if not workers.gathers:
+        return None, reused
+    records = _read_shards(directory, total, record_cls)
     write_jsonl(out, records)
     return records, reused
 

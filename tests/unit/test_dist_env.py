@@ -31,10 +31,25 @@ def test_torchrun_environment():
 
 def test_slurm_environment_derives_master_from_nodelist_and_port_from_job():
     env = read_dist_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
-                         "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242"})
+                         "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (9, 16, 1, "gpu12")
     assert env.master_port == 20000 + 4242 % 20000
     assert env.launcher == "slurm"
+
+
+def test_a_batch_script_is_one_process_though_it_sees_the_allocations_task_count():
+    # sbatch -n 2: the batch step sees SLURM_NTASKS=2 and SLURM_PROCID=0 but no SLURM_STEP_ID.
+    env = read_dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost",
+                         "SLURM_JOB_ID": "7"})
+    assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+
+
+def test_mpirun_ranks_win_over_the_slurm_variables_of_its_daemons():
+    env = read_dist_env({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
+                         "OMPI_COMM_WORLD_LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
+                         "SLURM_STEP_ID": "0", "MASTER_ADDR": "n1", "MASTER_PORT": "2222"})
+    assert (env.rank, env.world_size, env.local_rank, env.launcher) == (1, 2, 1, "mpi")
+    assert (env.master_addr, env.master_port) == ("n1", 2222)
 
 
 def test_no_launcher_is_a_single_process():
