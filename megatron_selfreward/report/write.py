@@ -1,5 +1,11 @@
 """`write_report(cfg, run_dir)`: `report/report.md`, `report/plots/*.png`, `report/throughput.json`.
 
+throughput.json (schema 2): `conventions` (how FLOPs, tokens and the MFU peak are counted),
+`peak` (the FLOP/s MFU divides by and its source), `stages` (wall time per manifest),
+`generation` (prefill/decode split per generating stage), `training` (tokens/s, FLOPs per
+token, MFU per training run), `memory` (the run's peak RSS/CUDA memory, and each stage's when
+its manifest records one). The computations live in `perf/accounting.py`.
+
 The report is rebuilt from the run directory's files every time (it is cheap), so it can be
 written mid-run and again at the end. Sections with no data say what is missing rather than
 disappearing, and a "What is missing" list up front collects every gap.
@@ -8,10 +14,9 @@ disappearing, and a "What is missing" list up front collects every gap.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
-
-from dataclasses import asdict
 
 from megatron_selfreward.config import Config
 from megatron_selfreward.io import atomic_write_json, atomic_write_text
