@@ -1,8 +1,14 @@
-"""A model directory of a run (M0, M1, ...) loaded as a policy: Megatron model + tokenizer + engine.
+"""A model directory of a run (M0, M1, ...) loaded as a policy: tokenizer + generation engine
+(+ the Megatron model when the engine runs on it).
 
 Layout of `runs/<name>/models/M<t>/`: `megatron/` (a Megatron distributed checkpoint) and/or
-`hf/` (a Hugging Face directory: weights and tokenizer). Weights come from `megatron/` when
-present, else from `hf/`; the tokenizer from `hf/`, or bytes for random-init test models.
+`hf/` (a Hugging Face directory: weights and tokenizer), and `trtllm/` (a TensorRT-LLM engine,
+built on first use). Weights come from `megatron/` when present, else from `hf/`; the tokenizer
+from `hf/`, or bytes for random-init test models.
+
+`generation.engine` picks the engine: `megatron` (default) builds this rank's GPTModel and wraps
+it in the in-process KV-cache engine; `trtllm` exports `hf/` from `megatron/` if needed, builds
+or reuses `trtllm/` and never builds the Megatron model (`Policy.model` is None).
 """
 
 from __future__ import annotations
@@ -17,9 +23,15 @@ from megatron_selfreward.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 @dataclass
 class Policy:
-    model: Any
+    model: Any  # the Megatron model, or None when the engine does not run on it (trtllm)
     tokenizer: Tokenizer
     engine: Any
+
+    def close(self) -> None:
+        """Release what the engine holds outside Python's reach (TensorRT-LLM: GPU memory, workers)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
 
 def load_tokenizer(cfg: Config, model_dir: Path) -> Tokenizer:
@@ -56,19 +68,29 @@ def check_engine_available(cfg: Config) -> None:
             f"({type(err).__name__}: {err}). Install it on a CUDA machine from NVIDIA's package "
             "index (see the README, 'Optional GPU extras'), or set generation.engine=megatron."
         ) from err
-    raise RuntimeError(
-        "config key 'generation.engine': the TensorRT-LLM engine is not part of this release yet; "
-        "export with `selfreward convert megatron-to-hf` + tools/build_trtllm_engine.sh, or set "
-        "generation.engine=megatron (the in-process KV-cache engine, CPU and GPU)."
-    )
+
+
+def load_trtllm_policy(cfg: Config, model_dir: Path) -> Policy:
+    """Tokenizer + TensorRT-LLM engine of `model_dir`; no Megatron model is built."""
+    from megatron_selfreward.convert.trtllm_export import prepare_model_dir
+    from megatron_selfreward.generation.trtllm_engine import TRTLLMEngine
+
+    model_dir = Path(model_dir)
+    prepare_model_dir(cfg, model_dir)  # hf/ (with the tokenizer) before the tokenizer is read
+    tokenizer = load_tokenizer(cfg, model_dir)
+    engine = TRTLLMEngine(cfg, model_dir, tokenizer=tokenizer, eos_token_ids=[tokenizer.eos_token_id])
+    return Policy(model=None, tokenizer=tokenizer, engine=engine)
 
 
 def load_policy(cfg: Config, model_dir: Path) -> Policy:
-    """Build this rank's model (needs an initialised world), load weights, wrap an engine."""
+    """The policy of `model_dir` with the configured engine. `megatron`: builds this rank's
+    model (needs an initialised world) and loads its weights; `trtllm`: see load_trtllm_policy."""
+    check_engine_available(cfg)
+    if cfg.generation.engine == "trtllm":
+        return load_trtllm_policy(cfg, model_dir)
     from megatron_selfreward.generation.megatron_engine import MegatronEngine
     from megatron_selfreward.megatron.model import build_model
 
-    check_engine_available(cfg)
     model = build_model(cfg)
     load_weights_into(model, cfg, model_dir)
     model.eval()

@@ -1,9 +1,10 @@
 """Export a Megatron checkpoint for TensorRT-LLM and build its engine (GPU clusters only).
 
-UNVERIFIED: TensorRT-LLM cannot be installed on the development machines or the lent GPU
-machine (see ../shared/platform-notes.md), so only the export half (`export_for_trtllm`,
-Megatron -> bf16 Hugging Face directory, which reuses the tested `convert_megatron_to_hf`) and
-the construction of the build commands are exercised by tests. The build half follows the
+UNVERIFIED: TensorRT-LLM cannot be installed on the machines this project is developed and
+tested on, so only the export half (`export_for_trtllm` / `prepare_model_dir`, Megatron -> bf16
+Hugging Face directory, which reuses the tested `convert_megatron_to_hf`), the construction of
+the build commands, and the build-once/reuse logic (against a stand-in for TensorRT-LLM's LLM
+API, tests/unit/test_trtllm_engine.py) are exercised by tests. The build half follows the
 documented TensorRT-LLM interfaces:
 
 - `trtllm-build` path: the Llama example's `convert_checkpoint.py` turns the HF directory into
@@ -11,9 +12,18 @@ documented TensorRT-LLM interfaces:
 - LLM API path: `LLM(model=<hf dir>, tensor_parallel_size=..., build_config=BuildConfig(...))`
   builds the engine directly from the HF directory and `llm.save(engine_dir)` writes it.
 
-Both take the config's TP/PP and length limits: max_seq_len = model.max_seq_len, max_input_len =
-max_seq_len minus the longest generation the loop asks for (responses, judgements, prompts).
-`tools/build_trtllm_engine.sh` is the command-line entry.
+Both take the config's TP/PP and length limits: max_seq_len = model.max_seq_len; max_input_len
+defaults to max_seq_len minus the longest generation the loop asks for (responses, judgements,
+prompts). The engine the pipeline builds for itself (`prepare_model_dir`, used by
+`generation/trtllm_engine.py`) allows inputs up to max_seq_len - 1 instead: the short follow-up
+requests (forced scores after the cue, pairwise verdicts) carry long prompts, and every stage
+already checks prompt + max_new_tokens <= max_seq_len before it asks.
+
+Model directories (`runs/<name>/models/M<t>/`): `hf/` is the bf16 export the engine is built
+from (exported from `megatron/` when that is where the weights are, stamped with the source it
+came from), `trtllm/` the engine, stamped with the build spec and the same source identity, so
+it is built once per model and reused while both match. `tools/build_trtllm_engine.sh` is the
+command-line entry.
 """
 
 from __future__ import annotations
@@ -29,10 +39,16 @@ from pathlib import Path
 
 from megatron_selfreward.config import Config, load_config
 
-__all__ = ["BuildSpec", "build_spec", "export_for_trtllm", "trtllm_build_commands", "build_with_llm_api"]
+__all__ = ["BuildSpec", "build_spec", "export_for_trtllm", "trtllm_build_commands", "build_with_llm_api",
+           "engine_llm_class", "prepare_model_dir", "source_identity", "engine_stamp", "engine_is_current",
+           "write_engine_stamp"]
 
 BUILD_SPEC_FILE = "trtllm_build.json"
+EXPORT_STAMP_FILE = "selfreward_export.json"  # in hf/: which weights it was exported from
+ENGINE_STAMP_FILE = "selfreward_engine.json"  # in trtllm/: build spec + source, written last
 TRTLLM_DTYPE = "bfloat16"  # TRT-LLM's native dtype for Llama engines without quantization
+INSTALL_HINT = ("install TensorRT-LLM on a CUDA machine from NVIDIA's package index (see the README, "
+                "'Optional GPU extras'), or set generation.engine=megatron")
 
 
 @dataclass(frozen=True)
@@ -49,7 +65,9 @@ class BuildSpec:
     dtype: str = TRTLLM_DTYPE
 
 
-def build_spec(cfg: Config, hf_dir: str | os.PathLike[str], engine_dir: str | os.PathLike[str]) -> BuildSpec:
+def build_spec(cfg: Config, hf_dir: str | os.PathLike[str], engine_dir: str | os.PathLike[str],
+               *, max_input_len: int | None = None) -> BuildSpec:
+    """The build for `cfg`; max_input_len None = max_seq_len minus the longest generation."""
     longest_output = max(cfg.generation.max_new_tokens, cfg.judge.max_new_tokens,
                          cfg.generation.prompts.max_new_tokens)
     max_seq_len = cfg.model.max_seq_len
@@ -58,10 +76,13 @@ def build_spec(cfg: Config, hf_dir: str | os.PathLike[str], engine_dir: str | os
             f"config key 'model.max_seq_len': {max_seq_len} leaves no room for prompts after "
             f"{longest_output} generated tokens (generation/judge max_new_tokens)"
         )
+    if max_input_len is not None and not 0 < max_input_len < max_seq_len:
+        raise ValueError(f"max_input_len must be in [1, model.max_seq_len={max_seq_len}), got {max_input_len}")
     return BuildSpec(
         hf_dir=str(hf_dir), engine_dir=str(engine_dir),
         tp_size=cfg.parallel.tensor_model_parallel_size, pp_size=cfg.parallel.pipeline_model_parallel_size,
-        max_batch_size=cfg.generation.batch_size, max_input_len=max_seq_len - longest_output,
+        max_batch_size=cfg.generation.batch_size,
+        max_input_len=max_seq_len - longest_output if max_input_len is None else max_input_len,
         max_seq_len=max_seq_len,
     )
 
@@ -97,32 +118,147 @@ def trtllm_build_commands(spec: BuildSpec, convert_script: str, work_dir: str) -
     return [convert, build]
 
 
-def build_with_llm_api(spec: BuildSpec) -> None:
-    """Build and save the engine through TensorRT-LLM's LLM API (needs GPUs and tensorrt_llm)."""
+def engine_llm_class() -> type:
+    """TensorRT-LLM's engine-building `LLM` class.
+
+    TensorRT-LLM >= 1.0 keeps it in `tensorrt_llm._tensorrt_engine` (its top-level `LLM` is the
+    PyTorch backend, which builds no engine); older releases export it at the top level.
+    """
     try:
-        # TensorRT-LLM >= 1.0 keeps the engine-building LLM here (its top-level LLM is the
-        # PyTorch backend, which builds no engine); older releases export it at the top level.
         from tensorrt_llm._tensorrt_engine import LLM  # type: ignore[import-not-found]
     except ImportError:
         try:
             from tensorrt_llm import LLM  # type: ignore[import-not-found]
         except ImportError as err:
-            raise RuntimeError("tensorrt_llm is not installed (GPU clusters only; see README)") from err
+            raise RuntimeError(f"tensorrt_llm cannot be imported ({err}); {INSTALL_HINT}") from err
+    return LLM
+
+
+def build_with_llm_api(spec: BuildSpec, **llm_kwargs: object) -> object:
+    """Build the engine through TensorRT-LLM's LLM API (needs GPUs and tensorrt_llm), save it to
+    `spec.engine_dir` and return the LLM, ready to generate (extra kwargs go to `LLM`)."""
+    llm_cls = engine_llm_class()
     from tensorrt_llm import BuildConfig  # type: ignore[import-not-found]
 
     build_config = BuildConfig(max_batch_size=spec.max_batch_size, max_input_len=spec.max_input_len,
                                max_seq_len=spec.max_seq_len)
-    llm = LLM(model=spec.hf_dir, tensor_parallel_size=spec.tp_size, pipeline_parallel_size=spec.pp_size,
-              dtype=spec.dtype, build_config=build_config)
+    llm = llm_cls(model=spec.hf_dir, tensor_parallel_size=spec.tp_size, pipeline_parallel_size=spec.pp_size,
+                  dtype=spec.dtype, build_config=build_config, **llm_kwargs)
     llm.save(spec.engine_dir)
+    return llm
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's model directory: hf/ export and trtllm/ engine, each stamped with its source
+
+
+def source_identity(model_dir: str | os.PathLike[str]) -> str:
+    """What the model's weights are, cheaply: the stage manifest that produced the directory
+    (`models/M1.manifest.json`) when there is one, else the names, sizes and mtimes of the
+    weight files (a checkpoint is never hashed byte by byte)."""
+    import hashlib
+
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256()
+    manifest = model_dir.parent / f"{model_dir.name}.manifest.json"
+    if manifest.is_file():
+        digest.update(b"manifest:" + manifest.read_bytes())
+        return digest.hexdigest()
+    weights = model_dir / "megatron" if (model_dir / "megatron").is_dir() else model_dir / "hf"
+    for path in sorted(p for p in weights.rglob("*") if p.is_file()):
+        st = path.stat()
+        digest.update(f"{path.relative_to(weights)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _export_hf(cfg: Config, model_dir: Path, source: str) -> Path:
+    """`hf/` for the engine build: as it is when the weights live there, exported from
+    `megatron/` (bf16, stamped with `source`) when they live there; reused while the stamp matches."""
+    from megatron_selfreward.convert.hf_megatron import convert_megatron_to_hf
+    from megatron_selfreward.io import atomic_write_json
+
+    hf_dir, ckpt = model_dir / "hf", model_dir / "megatron"
+    if not (ckpt / "metadata.json").is_file():
+        if not (hf_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} holds no weights (expected megatron/metadata.json or "
+                                    "hf/config.json); rerun `selfreward run` to (re)create it")
+        return hf_dir
+    stamp = _read_json(hf_dir / EXPORT_STAMP_FILE)
+    if isinstance(stamp, dict) and stamp.get("source") == source and (hf_dir / "config.json").is_file():
+        return hf_dir
+    if hf_dir.exists() and not isinstance(stamp, dict):
+        raise FileExistsError(
+            f"{hf_dir} was not exported from {ckpt} (no {EXPORT_STAMP_FILE}); the weights are read from "
+            "megatron/, so move hf/ away and the TensorRT-LLM engine will export it again")
+    model_cfg = None if (ckpt / "model_config.yaml").is_file() else cfg.model
+    tokenizer = model_dir / "tokenizer"
+    convert_megatron_to_hf(ckpt, hf_dir, dtype=TRTLLM_DTYPE, model_cfg=model_cfg,
+                           tokenizer_dir=tokenizer if tokenizer.is_dir() else None, overwrite=True)
+    atomic_write_json(hf_dir / EXPORT_STAMP_FILE, {"source": source, "from": "megatron"})
+    return hf_dir
+
+
+def prepare_model_dir(cfg: Config, model_dir: str | os.PathLike[str]) -> tuple[BuildSpec, str]:
+    """Make sure `model_dir/hf` holds this model's weights; the engine's build spec (into
+    `model_dir/trtllm`, inputs up to max_seq_len - 1) and the weights' source identity."""
+    model_dir = Path(model_dir)
+    source = source_identity(model_dir)
+    hf_dir = _export_hf(cfg, model_dir, source)
+    spec = build_spec(cfg, hf_dir, model_dir / "trtllm", max_input_len=cfg.model.max_seq_len - 1)
+    return spec, source
+
+
+def engine_stamp(spec: BuildSpec, source: str) -> dict[str, object]:
+    """What an engine directory must have been built from to be reused."""
+    stamp = dataclasses.asdict(spec)
+    stamp.pop("engine_dir")  # where it lies does not change what it is
+    return {"spec": stamp, "source": source}
+
+
+def engine_is_current(spec: BuildSpec, source: str) -> bool:
+    return _read_json(Path(spec.engine_dir) / ENGINE_STAMP_FILE) == engine_stamp(spec, source)
+
+
+def write_engine_stamp(spec: BuildSpec, source: str) -> None:
+    from megatron_selfreward.io import atomic_write_json
+
+    atomic_write_json(Path(spec.engine_dir) / ENGINE_STAMP_FILE, engine_stamp(spec, source))
+
+
+def build_engine_for(cfg: Config, model_dir: str | os.PathLike[str], *, force: bool = False,
+                     **llm_kwargs: object) -> tuple[BuildSpec, object | None]:
+    """Build `model_dir/trtllm` unless a matching engine is there: (spec, the LLM that built it,
+    ready to generate) after a build, (spec, None) when the engine was reused. The stamp is
+    written last, so an interrupted build is redone."""
+    import shutil
+
+    spec, source = prepare_model_dir(cfg, model_dir)
+    if not force and engine_is_current(spec, source):
+        return spec, None
+    engine_dir = Path(spec.engine_dir)
+    shutil.rmtree(engine_dir, ignore_errors=True)
+    llm = build_with_llm_api(spec, **llm_kwargs)
+    write_engine_stamp(spec, source)
+    return spec, llm
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="run config YAML (TP/PP, lengths)")
-    parser.add_argument("--ckpt", type=Path, required=True, help="Megatron checkpoint directory")
-    parser.add_argument("--hf-out", type=Path, required=True, help="bf16 HF directory to create")
-    parser.add_argument("--engine-out", type=Path, required=True, help="engine directory to create")
+    parser.add_argument("--model-dir", type=Path,
+                        help="a run's model directory (models/M<t>): export hf/ if needed and build trtllm/ "
+                             "exactly as generation.engine=trtllm does (reused while current); "
+                             "replaces --ckpt/--hf-out/--engine-out")
+    parser.add_argument("--ckpt", type=Path, help="Megatron checkpoint directory")
+    parser.add_argument("--hf-out", type=Path, help="bf16 HF directory to create")
+    parser.add_argument("--engine-out", type=Path, help="engine directory to create")
     parser.add_argument("--method", choices=("llm-api", "trtllm-build", "export-only"), default="llm-api")
     parser.add_argument("--convert-script", default="",
                         help="TensorRT-LLM's examples/.../llama/convert_checkpoint.py (trtllm-build method)")
@@ -134,10 +270,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if args.model_dir is not None:
+        spec, llm = build_engine_for(cfg, args.model_dir, force=args.overwrite)
+        print(json.dumps({**dataclasses.asdict(spec), "built": llm is not None}, indent=2))
+        if llm is not None and hasattr(llm, "shutdown"):
+            llm.shutdown()
+        return 0
+    if args.ckpt is None or args.hf_out is None or args.engine_out is None:
+        raise SystemExit("give --model-dir, or all of --ckpt, --hf-out and --engine-out")
     spec = export_for_trtllm(cfg, args.ckpt, args.hf_out, args.engine_out, overwrite=args.overwrite)
     print(json.dumps(dataclasses.asdict(spec), indent=2))
     if args.method == "llm-api":
-        build_with_llm_api(spec)
+        llm = build_with_llm_api(spec)
+        if hasattr(llm, "shutdown"):
+            llm.shutdown()
     elif args.method == "trtllm-build":
         if not args.convert_script:
             raise SystemExit("--method trtllm-build needs --convert-script (TensorRT-LLM's llama example)")

@@ -183,6 +183,9 @@ class _ModelSlot:
     def free(self) -> None:
         if self.policy is None:
             return
+        close = getattr(self.policy, "close", None)
+        if close is not None:
+            close()  # a TensorRT-LLM engine holds GPU memory and worker processes until closed
         self.policy = self.model_dir = None
         gc.collect()
         import torch
