@@ -29,6 +29,7 @@ command-line entry.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,6 +37,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from megatron_selfreward.config import Config, load_config
 
@@ -46,6 +48,7 @@ __all__ = ["BuildSpec", "build_spec", "export_for_trtllm", "trtllm_build_command
 BUILD_SPEC_FILE = "trtllm_build.json"
 EXPORT_STAMP_FILE = "selfreward_export.json"  # in hf/: which weights it was exported from
 ENGINE_STAMP_FILE = "selfreward_engine.json"  # in trtllm/: build spec + source, written last
+LOCK_FILE = ".trtllm.lock"  # in the model directory, held while exporting or building
 TRTLLM_DTYPE = "bfloat16"  # TRT-LLM's native dtype for Llama engines without quantization
 INSTALL_HINT = ("install TensorRT-LLM on a CUDA machine from NVIDIA's package index (see the README, "
                 "'Optional GPU extras'), or set generation.engine=megatron")
@@ -152,6 +155,22 @@ def build_with_llm_api(spec: BuildSpec, **llm_kwargs: object) -> object:
 # A run's model directory: hf/ export and trtllm/ engine, each stamped with its source
 
 
+@contextlib.contextmanager
+def _model_dir_lock(model_dir: Path) -> Iterator[None]:
+    """One process at a time exports or builds into a model directory: generation workers
+    (data-parallel ranks, array tasks) that load the same model wait for the first one's engine
+    and then reuse it."""
+    import fcntl
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with open(model_dir / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def source_identity(model_dir: str | os.PathLike[str]) -> str:
     """What the model's weights are, cheaply: the stage manifest that produced the directory
     (`models/M1.manifest.json`) when there is one, else the names, sizes and mtimes of the
@@ -209,8 +228,9 @@ def prepare_model_dir(cfg: Config, model_dir: str | os.PathLike[str]) -> tuple[B
     """Make sure `model_dir/hf` holds this model's weights; the engine's build spec (into
     `model_dir/trtllm`, inputs up to max_seq_len - 1) and the weights' source identity."""
     model_dir = Path(model_dir)
-    source = source_identity(model_dir)
-    hf_dir = _export_hf(cfg, model_dir, source)
+    with _model_dir_lock(model_dir):
+        source = source_identity(model_dir)
+        hf_dir = _export_hf(cfg, model_dir, source)
     spec = build_spec(cfg, hf_dir, model_dir / "trtllm", max_input_len=cfg.model.max_seq_len - 1)
     return spec, source
 
@@ -240,12 +260,13 @@ def build_engine_for(cfg: Config, model_dir: str | os.PathLike[str], *, force: b
     import shutil
 
     spec, source = prepare_model_dir(cfg, model_dir)
-    if not force and engine_is_current(spec, source):
-        return spec, None
-    engine_dir = Path(spec.engine_dir)
-    shutil.rmtree(engine_dir, ignore_errors=True)
-    llm = build_with_llm_api(spec, **llm_kwargs)
-    write_engine_stamp(spec, source)
+    with _model_dir_lock(Path(model_dir)):
+        if not force and engine_is_current(spec, source):
+            return spec, None
+        engine_dir = Path(spec.engine_dir)
+        shutil.rmtree(engine_dir, ignore_errors=True)
+        llm = build_with_llm_api(spec, **llm_kwargs)
+        write_engine_stamp(spec, source)
     return spec, llm
 
 

@@ -518,3 +518,33 @@ def test_build_tool_model_dir_mode_builds_what_the_engine_then_reuses(monkeypatc
     assert main(args) == 0 and json.loads(capsys.readouterr().out)["built"] is False
     engine = _engine(fake, tmp_path)
     assert len(fake.builds) == 1 and engine.stats["engine_built"] == 0
+
+
+def test_workers_loading_the_same_model_build_it_once(monkeypatch, tmp_path):
+    import threading
+    import time
+
+    fake = FakeTRTLLM().install(monkeypatch)
+    _hf_model_dir(tmp_path)
+    real_save = fake.module.LLM.save
+
+    def slow_save(self, engine_dir):  # a build takes a while: the other worker must wait for it
+        time.sleep(0.3)
+        real_save(self, engine_dir)
+
+    monkeypatch.setattr(fake.module.LLM, "save", slow_save)
+    engines, errors = [], []
+
+    def worker() -> None:
+        try:
+            engines.append(_engine(fake, tmp_path))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(engines) == 2
+    assert len(fake.builds) == 1 and sorted(e.stats["engine_built"] for e in engines) == [0, 1]
