@@ -122,9 +122,10 @@ def start_process_group(env: DistEnv, timeout: datetime.timedelta = datetime.tim
     if env.launcher == "mpi" and not (env.master_addr and env.master_port):
         env = mpi_rendezvous(env)
     if env.launcher in ("slurm", "mpi"):
-        # env:// reads these; under torchrun they are set already and connect to torchrun's own store.
+        # env:// reads the master from these (rank and world size are passed below); under
+        # torchrun they are set already and connect to torchrun's own store. RANK/WORLD_SIZE
+        # stay unset so that read_dist_env keeps naming the real launcher.
         os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
-                          RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
                           LOCAL_RANK=str(env.local_rank))
     dist.init_process_group(backend(), init_method="env://", rank=env.rank,
                             world_size=env.world_size, timeout=timeout)

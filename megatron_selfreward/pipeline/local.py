@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_selfreward.config import Config, save_resolved
+from megatron_selfreward.megatron.parallel import read_dist_env
 from megatron_selfreward.pipeline.plan import StageSpec, model_dir, spec_fingerprint
 from megatron_selfreward.stages.errors import StageError
 from megatron_selfreward.stages.manifest import is_done, manifest_path, write_manifest
@@ -59,6 +60,10 @@ class StageContext:
         return self._policy[1]
 
     def release(self) -> None:
+        if self._policy is not None:
+            close = getattr(self._policy[1], "close", None)
+            if close is not None:
+                close()  # an engine's GPU memory and worker processes go before training starts
         self._policy = None
         gc.collect()
 
@@ -88,8 +93,6 @@ def _build_eft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any
 
 def _world_size() -> int:
     """Processes of the launcher that started this one (torchrun, srun, mpirun); 1 when plain."""
-    from megatron_selfreward.megatron.parallel import read_dist_env
-
     return read_dist_env().world_size
 
 
@@ -106,12 +109,6 @@ def _torchrun(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     code = subprocess.run(cmd, check=False).returncode
     if code != 0:
         raise StageError(f"{spec.label}: torchrun with {n} processes exited {code} (its output is above)")
-
-
-def _rank() -> int:
-    from megatron_selfreward.megatron.parallel import read_dist_env
-
-    return read_dist_env().rank
 
 
 def _launched(cfg: Config) -> bool:
@@ -151,7 +148,8 @@ def _sharded(cfg: Config, spec: StageSpec, ctx: StageContext, run: Callable[...,
     with generation_workers(cfg, ctx.array, ctx.gather_only) as workers:
         if workers.size > 1:
             ctx.log(f"      {spec.name}: worker {workers.rank} of {workers.size} ({workers.name})")
-        run(LazyEngine(lambda: ctx.policy(model).engine), tokenizer, workers)
+        load = lambda: ctx.policy(model).engine  # noqa: E731
+        run(load() if workers.collective_load else LazyEngine(load), tokenizer, workers)
         if workers.name not in ("single", "gather"):
             ctx.release()  # the model belongs to this stage's world, which ends here
     return None
@@ -234,8 +232,10 @@ def run_stage(cfg: Config, spec: StageSpec, ctx: StageContext) -> bool:
     fp = spec_fingerprint(spec)  # of the inputs as they are now, before the stage reads them
     counts = STAGES[spec.name](cfg, spec, ctx)
     # None: the stage wrote its own manifest (or a launched sub-process did). Rank 0 writes.
-    if counts is not None and _rank() == 0:
-        write_manifest(spec.output, spec.name, fp, counts, started, {"iteration": spec.iteration})
+    env = read_dist_env()
+    if counts is not None and env.rank == 0:
+        write_manifest(spec.output, spec.name, fp, counts, started,
+                       {"iteration": spec.iteration, "processes": env.world_size, "launcher": env.launcher})
     return True
 
 

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from megatron_selfreward.config import Config, ConfigError, save_resolved, tasks_per_node
 from megatron_selfreward.io import atomic_write_json, atomic_write_text
@@ -122,9 +122,10 @@ def render_script(cfg: Config, spec: StageSpec, role: str = "stage", workdir: Pa
     return "\n".join(lines)
 
 
-def _clean_env() -> dict[str, str]:
+def _clean_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """sbatch from inside a job (slurm/iteration.sh) must not pass that job's SLURM_* on."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
 
 
 def _sbatch(script: Path, after: Sequence[str]) -> str:
@@ -218,17 +219,17 @@ def _record(cfg: Config, jobs: Sequence[Job]) -> None:
 # Status
 
 
-def job_state(job_id: str) -> str:
+def job_state(job_id: str, env: Mapping[str, str] | None = None) -> str:
     """PENDING/RUNNING/COMPLETED/FAILED/CANCELLED... from scontrol (recent jobs) or sacct."""
     proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                          env=_clean_env(), check=False)
+                          env=_clean_env(env), check=False)
     states = re.findall(r"\bJobState=(\S+)", proc.stdout)
     if states:
         distinct = sorted(set(states))  # an array: one line per task
         return distinct[0] if len(distinct) == 1 else ",".join(distinct)
     if shutil.which("sacct"):
         proc = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
-                              capture_output=True, text=True, env=_clean_env(), check=False)
+                              capture_output=True, text=True, env=_clean_env(env), check=False)
         states = sorted({line.split()[0] for line in proc.stdout.splitlines() if line.strip()})
         if states:
             return ",".join(states)
@@ -263,14 +264,15 @@ def format_status(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def wait_for(job_ids: Sequence[str], timeout_s: float, poll_s: float = 2.0) -> dict[str, str]:
+def wait_for(job_ids: Sequence[str], timeout_s: float, poll_s: float = 2.0,
+             env: Mapping[str, str] | None = None) -> dict[str, str]:
     """Poll until every job has ended (or the timeout); their final states."""
     ended = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
              "BOOT_FAIL", "DEADLINE"}
     deadline = time.time() + timeout_s
     states: dict[str, str] = {}
     while True:
-        states = {job: job_state(job) for job in job_ids}
+        states = {job: job_state(job, env) for job in job_ids}
         if all(all(part in ended for part in s.split(",")) for s in states.values()):
             return states
         if time.time() > deadline:

@@ -14,7 +14,8 @@ A sharded stage run by N processes splits its shards by data-parallel worker (se
   reusing every shard (and computing any a failed task left).
 
 `LazyEngine` defers loading the model until a shard actually needs generating, so a gathering
-run that finds every shard on disk loads nothing.
+run that finds every shard on disk loads nothing (except in torch.distributed groups, where
+loading a checkpoint is a collective every rank must join).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _array_task(environ: Mapping[str, str]) -> tuple[int, int]:
 def _within_array(inner: Workers, environ: Mapping[str, str]) -> Workers:
     index, count = _array_task(environ)
     return Workers(rank=index * inner.size + inner.rank, size=count * inner.size, writes=inner.writes,
-                   gathers=False, barrier=inner.barrier, name=f"array[{count}]x{inner.name}")
+                   gathers=False, barrier=inner.barrier, name=f"array[{count}]x{inner.name}",
+                   collective_load=inner.collective_load)
 
 
 def _torch_workers(cfg: Config) -> Workers:
@@ -69,6 +71,7 @@ def _torch_workers(cfg: Config) -> Workers:
     tp_rank = ps.get_tensor_model_parallel_rank()
     return Workers(rank=ps.get_data_parallel_rank(), size=ps.get_data_parallel_world_size(),
                    writes=tp_rank == 0, gathers=dist.get_rank() == 0, barrier=dist.barrier,
+                   collective_load=True,
                    name=f"torch[dp={ps.get_data_parallel_world_size()},tp={ps.get_tensor_model_parallel_world_size()}]")
 
 

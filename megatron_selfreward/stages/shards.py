@@ -52,6 +52,9 @@ class Workers:
     barrier: Callable[[], None] = field(default=_no_barrier, compare=False)
     name: str = "single"  # how the group was formed, for manifests and logs
     computes: bool = True  # False: only gather shards other processes wrote
+    # Loading a Megatron checkpoint is a collective over torch.distributed: every rank of such a
+    # group loads the model, shards or not. Other groups load it only when a shard needs it.
+    collective_load: bool = False
 
     def owns(self, index: int) -> bool:
         return self.computes and index % self.size == self.rank
