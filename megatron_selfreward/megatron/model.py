@@ -150,7 +150,6 @@ def build_model(
     parameter counting and memory planning; it needs no process group.
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage() if not meta else True
@@ -159,7 +158,7 @@ def build_model(
     tconf = transformer_config(cfg, for_meta=meta)
     ctx = torch.device("meta") if meta else contextlib.nullcontext()
     with ctx:
-        model = GPTModel(
+        model = _llama_class()(
             config=tconf,
             transformer_layer_spec=layer_spec(cfg, tconf),
             vocab_size=padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tensor_model_parallel_size),
@@ -171,7 +170,83 @@ def build_model(
             rotary_base=cfg.model.rope_theta,
             parallel_output=True,
         )
+    model.logprob_kernel = cfg.train.logprob_kernel
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The output layer on target positions only
+
+
+@functools.cache
+def _llama_class() -> type:
+    """GPTModel whose loss path computes logits only where the loss mask is set (built lazily:
+    megatron is imported on first use only)."""
+    from megatron.core.models.gpt import GPTModel
+
+    class LlamaGPTModel(GPTModel):
+        """megatron's GPTModel; `forward(..., labels=, loss_mask=)` returns the per-token loss [b, s]
+        computed at the positions where `loss_mask` is set (zero elsewhere).
+
+        Prompt, role-header and padding positions carry no loss in SFT or DPO, yet the plain path
+        projects every one of them onto the whole vocabulary (the largest GEMM of a small model and
+        a [tokens, vocab] fp32 cross entropy). The unmasked positions' losses were multiplied by
+        zero, so the loss and every gradient are unchanged.
+        """
+
+        logprob_kernel = "off"
+
+        def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None,
+                         inference_context=None, **kwargs):
+            plain = (labels is None or loss_mask is None or not self.post_process
+                     or self.config.mtp_num_layers is not None
+                     or (inference_context is not None and not self.training))
+            if plain:
+                return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args,
+                                            loss_mask=loss_mask, inference_context=inference_context,
+                                            **kwargs)
+            return target_token_nll(self, hidden_states, labels, loss_mask)
+
+    return LlamaGPTModel
+
+
+def target_token_nll(model: Any, hidden_states: torch.Tensor, labels: torch.Tensor,
+                     loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood [b, s] of `labels`, computed where `loss_mask` != 0.
+
+    hidden_states: the final norm's output [s, b, h] (under sequence parallelism this rank's
+    [s/tp, b, h] slice). The selected positions go through megatron's output layer and
+    vocab-parallel cross entropy (any TP), or, with `train.logprob_kernel`, through the chunked
+    log-prob kernel in kernels/logprobs.py (TP = 1: it needs the whole vocabulary).
+    """
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    layer = model.output_layer
+    if layer.sequence_parallel:
+        # Every TP rank needs every selected position: gather the sequence first. The output
+        # layer (sequence parallelism off below) then all-reduces the input grad over TP, so the
+        # gather's backward only keeps this rank's slice.
+        hidden_states = gather_from_sequence_parallel_region(
+            hidden_states, tensor_parallel_output_grad=False, group=layer.tp_group)
+    s, b, h = hidden_states.shape
+    where = loss_mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)  # [n] in [s, b] order
+    selected = hidden_states.reshape(s * b, h).index_select(0, where)
+    targets = labels.transpose(0, 1).reshape(-1).index_select(0, where)
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
+        else layer.weight
+    if model.logprob_kernel != "off":
+        from kernels.logprobs import logprobs
+
+        nll = -logprobs(selected, weight, targets, impl=model.logprob_kernel)
+    else:
+        restore, layer.sequence_parallel = layer.sequence_parallel, False
+        try:
+            logits, _ = layer(selected.unsqueeze(1), weight=weight)
+        finally:
+            layer.sequence_parallel = restore
+        nll = model.compute_language_model_loss(targets.unsqueeze(0), logits).reshape(-1)
+    out = torch.zeros(s * b, dtype=nll.dtype, device=nll.device).index_put((where,), nll)
+    return out.view(s, b).transpose(0, 1)
 
 
 def count_parameters(cfg: Config) -> int:

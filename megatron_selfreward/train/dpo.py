@@ -39,9 +39,9 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 
 def _policy_nll(batch: dict[str, torch.Tensor], model: Any) -> torch.Tensor:
-    """Per-token negative log-likelihood [2m, s] through megatron's vocab-parallel cross entropy."""
+    """Per-token negative log-likelihood [2m, s], computed at the response tokens only (zero elsewhere)."""
     return model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
-                 attention_mask=None, labels=batch["labels"])
+                 attention_mask=None, labels=batch["labels"], loss_mask=batch["loss_mask"])
 
 
 def dpo_loss_func(batch: dict[str, torch.Tensor], loss_fn: PairLoss, beta: float,
@@ -177,24 +177,13 @@ def run_dpo(
     from the launcher's environment. Returns a summary (steps, losses, metrics, data counts).
     """
     from megatron_selfreward.megatron.checkpoint import latest_checkpoint
-    from megatron_selfreward.megatron.training import build_train_state
-    from megatron_selfreward.train.sampler import total_steps_for
 
-    out = Path(out_dir)
-    with loop.training_world(cfg):
-        opt = cfg.dpo
-        tokenizer = loop.init_tokenizer(cfg, init_dir)
-        tpairs, stats = prepare_dpo(pairs, tokenizer, cfg.model.chat_template, opt.seq_len)
-        total = total_steps_for(len(tpairs), opt.global_batch_size, opt.epochs, opt.max_steps)
-        state = build_train_state(cfg, opt, total, loop.init_model(cfg, init_dir))
+    def make_task(state: Any, tpairs: list[TokenizedPair], tokenizer: Any, out: Path, resume: bool):
         resuming = resume and latest_checkpoint(out / "checkpoints") is not None
         started = time.perf_counter()
         ref = reference_logps(cfg, state, tpairs, tokenizer.eos_token_id, out, resuming)
         reference_time_s = time.perf_counter() - started
-        task = dpo_task(cfg, tpairs, ref, tokenizer.eos_token_id)
-        summary = loop.train(cfg, task, state, out, resume=resume, stop_after_steps=stop_after_steps)
-        summary["data"] = stats.as_dict()
-        summary["reference_time_s"] = reference_time_s
-        loop.copy_tokenizer(init_dir, out)
-        loop.write_summary(out, summary)
-    return summary
+        return dpo_task(cfg, tpairs, ref, tokenizer.eos_token_id), {"reference_time_s": reference_time_s}
+
+    return loop.run_stage(cfg, "dpo", pairs, prepare_dpo, make_task, init_dir, out_dir,
+                          resume=resume, stop_after_steps=stop_after_steps)

@@ -263,6 +263,33 @@ def train(
 # Set-up shared by run_sft and run_dpo
 
 
+def run_stage(
+    cfg: Config, section: str, records: Any, prepare: Callable, make_task: Callable,
+    init_dir: str | Path | None, out_dir: str | Path, *, resume: bool, stop_after_steps: int | None,
+) -> dict[str, Any]:
+    """The body of run_sft / run_dpo: world, tokenizer, data, train state, train, model dir.
+
+    `prepare(records, tokenizer, template, seq_len) -> (items, LengthStats)`;
+    `make_task(state, items, tokenizer, out_dir, resume) -> (Task, extra summary entries)`.
+    """
+    from megatron_selfreward.megatron.training import build_train_state
+
+    out = Path(out_dir)
+    with training_world(cfg):
+        opt = getattr(cfg, section)
+        tokenizer = init_tokenizer(cfg, init_dir)
+        items, stats = prepare(records, tokenizer, cfg.model.chat_template, opt.seq_len)
+        total = total_steps_for(len(items), opt.global_batch_size, opt.epochs, opt.max_steps)
+        state = build_train_state(cfg, opt, total, init_model(cfg, init_dir))
+        task, extra = make_task(state, items, tokenizer, out, resume)
+        summary = train(cfg, task, state, out, resume=resume, stop_after_steps=stop_after_steps)
+        summary["data"] = stats.as_dict()
+        summary.update(extra)
+        copy_tokenizer(init_dir, out)
+        write_summary(out, summary)
+    return summary
+
+
 def init_model(cfg: Config, init_dir: str | Path | None) -> Any:
     """This rank's model chunk with the init weights (`init_dir` a model dir; None = random init)."""
     from megatron_selfreward.megatron.model import build_model

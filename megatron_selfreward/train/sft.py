@@ -8,7 +8,8 @@ into micro-batches computes the same gradient.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from functools import partial
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -22,9 +23,21 @@ def _summarize(sums: torch.Tensor) -> dict[str, float]:
     return {"loss": float(sums[0] / sums[1].clamp(min=1)), "target_tokens": float(sums[1])}
 
 
-def sft_task(cfg: Config, samples: Sequence[TokenizedSample], pad_id: int) -> loop.Task:
-    from megatron_selfreward.megatron.training import lm_forward_step
+def sft_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any):
+    """Per-token cross entropy on the target tokens; the loss mask also tells the model where the
+    output layer is needed at all (see `megatron.model.target_token_nll`)."""
+    from megatron_selfreward.megatron.training import _token_loss_sum
 
+    batch = next(data_iterator)
+    per_token_loss = model(
+        input_ids=batch["tokens"], position_ids=batch["position_ids"],
+        # None = megatron's causal mask; packed batches bring a block-diagonal one.
+        attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+        loss_mask=batch["loss_mask"])
+    return per_token_loss, partial(_token_loss_sum, batch["loss_mask"])
+
+
+def sft_task(cfg: Config, samples: Sequence[TokenizedSample], pad_id: int) -> loop.Task:
     opt = cfg.sft
     dp_rank, dp_size = loop.data_parallel()
 
@@ -35,7 +48,7 @@ def sft_task(cfg: Config, samples: Sequence[TokenizedSample], pad_id: int) -> lo
             pad_multiple=loop.pad_multiple(cfg), uniform_length=loop.uniform_lengths(cfg))
 
     return loop.Task(
-        name="sft", opt=opt, num_samples=len(samples), forward_step=lm_forward_step,
+        name="sft", opt=opt, num_samples=len(samples), forward_step=sft_forward_step,
         micro_batches=micro_batches, batch_tokens=lambda idx: sum(len(samples[i]) for i in idx),
         report_key="lm_loss", report_width=2, summarize=_summarize)
 
@@ -54,19 +67,8 @@ def run_sft(
     Works inside an already initialised world (its TP/PP must match the config) or creates one
     from the launcher's environment. Returns a summary (steps, losses, throughput, data counts).
     """
-    out = Path(out_dir)
-    with loop.training_world(cfg):
-        from megatron_selfreward.megatron.training import build_train_state
-        from megatron_selfreward.train.sampler import total_steps_for
+    def make_task(state: Any, samples: list[TokenizedSample], tokenizer: Any, out: Path, resume: bool):
+        return sft_task(cfg, samples, tokenizer.eos_token_id), {}
 
-        opt = cfg.sft
-        tokenizer = loop.init_tokenizer(cfg, init_dir)
-        samples, stats = prepare_sft(examples, tokenizer, cfg.model.chat_template, opt.seq_len)
-        total = total_steps_for(len(samples), opt.global_batch_size, opt.epochs, opt.max_steps)
-        state = build_train_state(cfg, opt, total, loop.init_model(cfg, init_dir))
-        task = sft_task(cfg, samples, tokenizer.eos_token_id)
-        summary = loop.train(cfg, task, state, out, resume=resume, stop_after_steps=stop_after_steps)
-        summary["data"] = stats.as_dict()
-        loop.copy_tokenizer(init_dir, out)
-        loop.write_summary(out, summary)
-    return summary
+    return loop.run_stage(cfg, "sft", examples, prepare_sft, make_task, init_dir, out_dir,
+                          resume=resume, stop_after_steps=stop_after_steps)

@@ -86,10 +86,10 @@ def tiny_model():
 
 def _loss_of(model, batch):
     """The trainer's SFT loss: megatron's per-token loss, summed over the mask, / target count."""
-    from megatron_selfreward.megatron.training import lm_forward_step
+    from megatron_selfreward.train.sft import sft_forward_step
 
     with torch.no_grad():
-        per_token, loss_func = lm_forward_step(iter([batch]), model)
+        per_token, loss_func = sft_forward_step(iter([batch]), model)
         loss_sum, count, _ = loss_func(per_token)
     return (loss_sum / count).item(), per_token
 
