@@ -18,6 +18,7 @@ World size 1 runs everything inside one gloo process group; training stages reus
 from __future__ import annotations
 
 import gc
+import json
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_selfreward.config import Config, save_resolved
+from megatron_selfreward.io import atomic_write_json
 from megatron_selfreward.megatron.parallel import read_dist_env
 from megatron_selfreward.pipeline.plan import StageSpec, model_dir, spec_fingerprint
 from megatron_selfreward.stages.errors import StageError
@@ -228,15 +230,35 @@ def run_stage(cfg: Config, spec: StageSpec, ctx: StageContext) -> bool:
     """Run one stage unless done; True when it ran."""
     if stage_done(spec):
         return False
+    from megatron_selfreward.perf.memory import PeakMemory
+
     started = time.time()
     fp = spec_fingerprint(spec)  # of the inputs as they are now, before the stage reads them
-    counts = STAGES[spec.name](cfg, spec, ctx)
+    with PeakMemory(interval_s=0.2) as meter:
+        counts = STAGES[spec.name](cfg, spec, ctx)
     # None: the stage wrote its own manifest (or a launched sub-process did). Rank 0 writes.
     env = read_dist_env()
-    if counts is not None and env.rank == 0:
+    if env.rank != 0:
+        return True
+    if counts is not None:
         write_manifest(spec.output, spec.name, fp, counts, started,
-                       {"iteration": spec.iteration, "processes": env.world_size, "launcher": env.launcher})
+                       {"iteration": spec.iteration, "processes": env.world_size, "launcher": env.launcher,
+                        "memory": meter.result()})
+    else:
+        _add_memory(spec, meter.result())
     return True
+
+
+def _add_memory(spec: StageSpec, memory: dict[str, Any]) -> None:
+    """A stage that wrote its own manifest: add this process's peak memory during the stage."""
+    path = manifest_path(spec.output)
+    try:
+        manifest = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return  # nothing written (e.g. a worker that did not gather)
+    if "memory" not in manifest:
+        manifest["memory"] = memory
+        atomic_write_json(path, manifest)
 
 
 def _eta(spent_s: float, cost_done: float, cost_left: float) -> str:

@@ -61,6 +61,11 @@ def test_run_trains_m1_and_m2_and_writes_every_stage(tiny_run):
     dpo = json.loads((run_dir / "models" / "M2.manifest.json").read_text())
     pairs = read_records(run_dir / "iter1" / "pairs.jsonl", PreferencePair)
     assert len(pairs) > 0 and dpo["counts"]["pairs"] == len(pairs)
+    # every stage's manifest carries the peak memory measured while it ran (one process here)
+    for manifest in (run_dir / "models" / "M1.manifest.json", run_dir / "iter1" / "responses.manifest.json"):
+        memory = json.loads(manifest.read_text())["memory"]
+        assert 50 * 2**20 < memory["peak_rss_bytes"] < 20 * 2**30 and memory["wall_time_s"] > 0
+    assert (dpo["processes"], dpo["launcher"]) == (1, "single")
     assert "[1/" in stdout and "train_dpo (iteration 1)" in stdout and "ETA" in stdout
 
 
@@ -139,8 +144,44 @@ def test_training_stages_run_under_torchrun_when_nproc_per_node_is_2(tmp_path):
     run_dir = tmp_path / "run"
     proc = selfreward(*run_args(run_dir, seed, "executor.nproc_per_node=2"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # `selfreward stage` announces itself once per rank of the torchrun job.
-    assert proc.stdout.count("\ntrain_sft -> ") == 2 and proc.stdout.count("\ntrain_dpo (iteration 1) -> ") == 2
+    # training ran as one 2-process torchrun world; rank 0 announced the stage and wrote the manifest
+    assert proc.stdout.count("\ntrain_sft -> ") == 1 and proc.stdout.count("\ntrain_dpo (iteration 1) -> ") == 1
     for model in ("M1", "M2"):
         assert (run_dir / "models" / model / "megatron" / "metadata.json").is_file()
-        assert json.loads((run_dir / "models" / f"{model}.manifest.json").read_text())["counts"]["steps"] > 0
+        manifest = json.loads((run_dir / "models" / f"{model}.manifest.json").read_text())
+        assert manifest["counts"]["steps"] > 0 and (manifest["processes"], manifest["launcher"]) == (2, "torchrun")
+    # sampling and judging were split over the 2 ranks too
+    for name in ("responses", "judgements"):
+        engine = json.loads((run_dir / "iter1" / f"{name}.manifest.json").read_text())["engine"]
+        assert engine["workers"] == 2, engine
+
+
+def _copy_without(run_dir: Path, dest: Path, *patterns: str) -> Path:
+    import shutil
+
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns(*patterns))
+    return dest
+
+
+@pytest.mark.slow
+def test_sampling_split_over_two_torchrun_ranks_equals_one_process(tiny_run, tmp_path):
+    """Data-parallel sharded generation: each rank computes every other shard, rank 0 gathers
+    in input order; the records equal a one-process run of the same shards."""
+    run_dir, seed, _ = tiny_run
+    results = {}
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    for name, launcher in (("one", []), ("two", torchrun)):
+        copy = _copy_without(run_dir, tmp_path / name, "responses*", "judgements*", "pairs*")
+        # torchrun takes `-m megatron_selfreward.cli` as its own --module flag
+        cmd = [sys.executable, *launcher, "-m", "megatron_selfreward.cli", "stage", "sample_responses",
+               "--iteration", "1", "--config", "tiny", f"pipeline.run_dir={copy}", f"data.seed={seed}",
+               *SCORE_SFT_OVERRIDES, "pipeline.shard_size=1"]
+        env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        results[name] = (read_records(copy / "iter1" / "responses.jsonl", Response),
+                         json.loads((copy / "iter1" / "responses.manifest.json").read_text()))
+    (one, _), (two, manifest) = results["one"], results["two"]
+    assert [r.to_dict() for r in two] == [r.to_dict() for r in one] and len(one) == 16
+    assert manifest["engine"]["workers"] == 2 and manifest["engine"]["shards_computed"] == 4
+    assert manifest["engine"]["samples"] == 16  # summed over both ranks

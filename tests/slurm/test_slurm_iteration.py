@@ -90,7 +90,7 @@ def test_sbatch_iteration_runs_the_whole_chain(cluster, run_dir):
 
     it = run_dir / "iter1"
     pairs = read_jsonl(it / "pairs.jsonl")
-    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
     assert (run_dir / "models" / "M2" / "megatron" / "metadata.json").is_file()
     for manifest in ("prompts", "responses", "judgements", "pairs"):
         assert (it / f"{manifest}.manifest.json").is_file()
