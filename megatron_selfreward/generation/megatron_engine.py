@@ -4,10 +4,14 @@ Used for response sampling, judging and prompt generation on the everyday CPU pa
 fallback on GPUs without TensorRT-LLM). It runs this rank's shard of the model (so tensor
 parallelism is Megatron's own weight layout) with its own attention over its own KV cache:
 
-- Plain Llama layers (the local spec) run on their weight tensors directly (F.linear, rms_norm,
+- Plain Llama layers (the local spec) run on their weight tensors directly (GEMMs, rms_norm,
   SDPA, an all-reduce after row-parallel GEMMs): Megatron's per-call wrappers cost about as much
   as the GEMMs at decode batch sizes on a CPU. Other layers (the TE spec on GPUs) run through
   their Megatron modules. `dtype="bfloat16"` runs an fp32 model as a bf16 copy (AMX CPUs).
+  On CPUs the direct path's decode GEMMs take oneDNN-packed weights with the residual add and
+  SwiGLU fused in (packed_linear.py), and its ops bypass torch-function modes (the CPU compat
+  redirect costs microseconds per op, a few thousand ops per step). TP > 1 keeps the packed
+  GEMMs; the residual add then follows the all-reduce instead of being fused.
 - Why not megatron's StaticInferenceContext: it stores keys *before* RoPE and re-rotates the
   whole cache every step, takes RoPE positions from the column index (one offset for the whole
   batch, so left padding shifts a row's positions and a shared prefix cannot be followed by
@@ -58,6 +62,7 @@ from megatron_selfreward.generation.engine import (
     SamplingParams,
     sample_seed,
 )
+from megatron_selfreward.generation.packed_linear import PackedLinear, packing_supported
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Bounds the [rows, heads, chunk, length] attention scores of a long prefill.
@@ -130,9 +135,9 @@ class KVCache:
         self.length = n
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [x2, x1] on the last dim, in one op (times [-sin, sin] that is rotate_half * sin)."""
+    return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
 
 
 @dataclass
@@ -141,22 +146,32 @@ class _LayerWeights:
 
     attn_norm: torch.Tensor
     attn_eps: float
-    qkv: torch.Tensor
-    proj: torch.Tensor
+    qkv: PackedLinear
+    proj: PackedLinear
     mlp_norm: torch.Tensor
     mlp_eps: float
-    fc1: torch.Tensor
-    fc2: torch.Tensor
+    fc1: PackedLinear  # [gate; up], what prefill runs as one GEMM
+    gate: PackedLinear  # the halves of fc1, what a packed decode step runs with fused epilogues
+    up: PackedLinear
+    fc2: PackedLinear
     groups: int
     heads_per_group: int
     head_dim: int
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x @ gate.T) * (x @ up.T): two GEMMs with the activation and product fused
+        (decode on oneDNN), else one [gate; up] GEMM and two elementwise ops."""
+        if self.gate.runs_packed(x):
+            return self.up.mul(x, self.gate.silu(x))
+        gate, up = self.fc1(x).chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
 
 
 def _norm_eps(norm: Any) -> float:
     return norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
 
 
-def _direct_weights(layer: Any, tp_size: int, dtype: torch.dtype) -> _LayerWeights | None:
+def _direct_weights(layer: Any, tp_size: int, dtype: torch.dtype, pack: bool) -> _LayerWeights | None:
     """The layer's tensors if it is the plain local-spec Llama layer, else None (module path).
 
     The direct path skips Megatron's per-call autograd-function and TP-region wrappers, which
@@ -184,10 +199,16 @@ def _direct_weights(layer: Any, tp_size: int, dtype: torch.dtype) -> _LayerWeigh
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(dtype)  # a view of the parameter when the dtype already matches
 
+    def linear(t: torch.Tensor) -> PackedLinear:
+        return PackedLinear(cast(t), pack)
+
+    fc1 = cast(mlp.linear_fc1.weight)
+    ffn = fc1.shape[0] // 2  # this rank's [gate; up] halves (Megatron shards each half over TP)
     return _LayerWeights(
-        cast(norms[0].weight), _norm_eps(norms[0]), cast(attn.linear_qkv.weight),
-        cast(attn.linear_proj.weight), cast(norms[1].weight), _norm_eps(norms[1]),
-        cast(mlp.linear_fc1.weight), cast(mlp.linear_fc2.weight), groups,
+        cast(norms[0].weight), _norm_eps(norms[0]), linear(attn.linear_qkv.weight),
+        linear(attn.linear_proj.weight), cast(norms[1].weight), _norm_eps(norms[1]),
+        PackedLinear(fc1, False), PackedLinear(fc1[:ffn], pack), PackedLinear(fc1[ffn:], pack),
+        linear(mlp.linear_fc2.weight), groups,
         attn.num_attention_heads_per_partition // groups, attn.hidden_size_per_attention_head,
     )
 
@@ -200,11 +221,16 @@ class MegatronRunner:
     own forward): the direct path runs plain-Llama local-spec layers with the layer's weight
     tensors (optionally cast to `dtype`, e.g. bfloat16 for CPUs with AMX); any other layer (TE
     spec, gated attention, ...) runs through its own Megatron modules in the model's dtype.
-    The direct path holds views of the parameters when `dtype` is the model's, so it sees
-    training updates; a cast copy is refreshed by `MegatronEngine.load_weights`.
+    On CPUs the direct path's decode GEMMs run on oneDNN-packed copies of the weights
+    (packed_linear.py; `pack=False` turns that off) and its ops run outside torch-function
+    modes (cpu_compat's CUDA->CPU redirect costs microseconds per op and nothing here needs it).
+    When `dtype` is the model's, the direct path follows training updates: it holds views of
+    the parameters and `refresh()` re-packs once a parameter changed. A cast copy (another
+    dtype) is a snapshot, refreshed by `MegatronEngine.load_weights`.
     """
 
-    def __init__(self, model: Any, vocab_size: int, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: Any, vocab_size: int, dtype: torch.dtype | None = None,
+                 pack: bool | None = None) -> None:
         from megatron.core import parallel_state
 
         from megatron_selfreward.megatron.checkpoint import unwrap
@@ -229,19 +255,14 @@ class MegatronRunner:
         self.final_norm = self.model.decoder.final_layernorm
         self.model_dtype = conf.params_dtype
         self.dtype = dtype or self.model_dtype
-        direct = [_direct_weights(layer, self.tp_size, self.dtype) for layer in self.layers]
-        plain_norm = isinstance(self.final_norm, torch.nn.RMSNorm) and self.final_norm.weight is not None
-        self.direct = direct if plain_norm and all(w is not None for w in direct) else None
+        self.device = self.model.embedding.word_embeddings.weight.device
+        self.pack = packing_supported(self.dtype, self.device) if pack is None else pack
+        self._build_direct()
         if self.direct is None and self.dtype != self.model_dtype:
             raise NotImplementedError(
                 f"generation dtype {self.dtype} differs from the model's {self.model_dtype}, which "
                 "only the direct (local-spec Llama) path supports; leave dtype unset"
             )
-        self.output_weight = self._output_weight()
-        self.device = self.output_weight.device
-        if self.direct is not None:
-            self.final_norm_weight = self.final_norm.weight.detach().to(self.dtype)
-            self.final_norm_eps = _norm_eps(self.final_norm)
         rope = self.model.rotary_pos_emb
         self.inv_freq = rope.inv_freq.float().to(self.device)
         factor = rope.seq_len_interpolation_factor
@@ -249,26 +270,57 @@ class MegatronRunner:
         self.softmax_scale = self.layers[0].self_attention.core_attention.softmax_scale
         self.vocab_size = vocab_size
 
-    def _output_weight(self) -> torch.Tensor:
+    def _build_direct(self) -> None:
+        """The direct path's weights (views, casts, packed copies), or direct = None."""
+        direct = [_direct_weights(layer, self.tp_size, self.dtype, self.pack) for layer in self.layers]
+        plain_norm = isinstance(self.final_norm, torch.nn.RMSNorm) and self.final_norm.weight is not None
+        self.direct = direct if plain_norm and all(w is not None for w in direct) else None
         if self.model.share_embeddings_and_output_weights:
             weight = self.model.shared_embedding_or_output_weight()
         else:
             weight = self.model.output_layer.weight
-        return weight.detach().to(self.dtype)
+        self.head = PackedLinear(weight.detach().to(self.dtype), self.pack and self.direct is not None)
+        if self.direct is not None:
+            self.final_norm_weight = self.final_norm.weight.detach().to(self.dtype)
+            self.final_norm_eps = _norm_eps(self.final_norm)
+        self._versions = self._param_versions()
+
+    def _param_versions(self) -> list[int]:
+        return [p._version for p in self.model.parameters()]
+
+    def refresh(self) -> None:
+        """Re-pack the direct path's weights if a parameter changed in place since they were
+        packed (training, a load) and the direct path follows the parameters (same dtype)."""
+        if (self.pack and self.direct is not None and self.dtype == self.model_dtype
+                and self._param_versions() != self._versions):
+            self._build_direct()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def _plain_torch(self) -> contextlib.AbstractContextManager:
+        """No torch-function modes for the direct path's own ops (see the class docstring)."""
+        return torch._C.DisableTorchFunction() if self.direct is not None else contextlib.nullcontext()
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [b, s, 1, rot_dim], as megatron computes them (fp32, then cast)."""
+        """cos and sign-folded sin [b, s, 1, 1, rot_dim] (fp32 as megatron computes them, then
+        cast): x * cos + swap_halves(x) * sin equals megatron's x * cos + rotate_half(x) * sin."""
         freqs = (positions.float() * self.position_scale)[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, None, :]
+        sin = emb.sin()
+        half = sin.shape[-1] // 2
+        sin[..., :half].neg_()
+        return emb.cos().to(self.dtype), sin.to(self.dtype)
 
     @staticmethod
     def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE with _rope's cos and sign-folded sin (broadcast against x's leading dims)."""
         rot = cos.shape[-1]
         if rot == x.shape[-1]:
-            return x * cos + _rotate_half(x) * sin
+            return torch.addcmul(x * cos, _swap_halves(x), sin)
         head, tail = x[..., :rot], x[..., rot:]
-        return torch.cat((head * cos + _rotate_half(head) * sin, tail), dim=-1)
+        return torch.cat((torch.addcmul(head * cos, _swap_halves(head), sin), tail), dim=-1)
 
     @staticmethod
     def _mask(valid: torch.Tensor, start: int, steps: int) -> torch.Tensor:
@@ -301,26 +353,31 @@ class MegatronRunner:
             torch.distributed.all_reduce(partial, group=self.tp_group)
         return partial
 
+    def _residual(self, linear: PackedLinear, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden + x @ W.T for a row-parallel W: summed over TP first, else fused into the GEMM."""
+        if self.tp_group is None:
+            return linear.add(x, hidden)
+        return hidden + self._reduce(linear(x))
+
     def _direct_layer(self, index: int, w: _LayerWeights, hidden: torch.Tensor, rope: tuple,
                       mask: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         b, s, h = hidden.shape
         x = F.rms_norm(hidden, (h,), w.attn_norm, w.attn_eps)
         # Megatron's fused layout: per KV group, its query heads, then one key and one value head.
-        qkv = F.linear(x, w.qkv).view(b, s, w.groups, w.heads_per_group + 2, w.head_dim)
-        cos, sin = (t[:, :, :, None] for t in rope)
-        rotated = self._apply_rope(qkv[:, :, :, :-1], cos, sin)  # queries and key in one pass
+        qkv = w.qkv(x).view(b, s, w.groups, w.heads_per_group + 2, w.head_dim)
+        rotated = self._apply_rope(qkv[:, :, :, :-1], *rope)  # queries and key in one pass
         query = rotated[:, :, :, :-1].reshape(b, s, w.groups * w.heads_per_group, w.head_dim)
         key, value = rotated[:, :, :, -1], qkv[:, :, :, -1]
         context = self._attend(index, query, key, value, mask, cache, start)
-        hidden = hidden + self._reduce(F.linear(context, w.proj))
-        gate, up = F.linear(F.rms_norm(hidden, (h,), w.mlp_norm, w.mlp_eps), w.fc1).chunk(2, dim=-1)
-        return hidden + self._reduce(F.linear(F.silu(gate) * up, w.fc2))
+        hidden = self._residual(w.proj, context, hidden)
+        return self._residual(w.fc2, w.swiglu(F.rms_norm(hidden, (h,), w.mlp_norm, w.mlp_eps)), hidden)
 
     def _module_layer(self, index: int, layer: Any, hidden: torch.Tensor, rope: tuple,
                       mask: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         attn = layer.self_attention
         query, key, value = attn.get_query_key_value_tensors(layer.input_layernorm(hidden))
-        query, key = self._apply_rope(query, *rope), self._apply_rope(key, *rope)
+        cos, sin = (t.squeeze(3) for t in rope)  # [b, s, 1, rot] against [b, s, heads, dim]
+        query, key = self._apply_rope(query, cos, sin), self._apply_rope(key, cos, sin)
         context = self._attend(index, query, key, value, mask, cache, start)
         out, bias = attn.linear_proj(context)
         hidden = hidden + (out if bias is None else out + bias)
@@ -332,10 +389,11 @@ class MegatronRunner:
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         if self.direct is not None:
-            normed = F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm_weight, self.final_norm_eps)
+            with self._plain_torch():
+                normed = F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm_weight, self.final_norm_eps)
+                logits = self.head(normed)
         else:
-            normed = self.final_norm(hidden)
-        logits = F.linear(normed, self.output_weight)
+            logits = self.head(self.final_norm(hidden))
         if self.tp_size > 1:
             logits = gather_from_tensor_model_parallel_region(logits)
         return logits[..., : self.vocab_size].float()
@@ -345,14 +403,18 @@ class MegatronRunner:
         """Append [b, s] tokens to the cache; return the logits [b, vocab] of the last column."""
         start, steps = cache.length, tokens.shape[1]
         cache.valid[:, start : start + steps] = token_valid
-        mask = self._mask(cache.valid, start, steps)
         # The embedding module handles TP (vocab-parallel lookup + all-reduce).
         hidden = self.model.embedding.word_embeddings(tokens).to(self.dtype)
-        rope = self._rope(positions)
-        for index, layer in enumerate(self.layers):
+        with self._plain_torch():
+            mask = self._mask(cache.valid, start, steps)
+            rope = self._rope(positions)
             if self.direct is not None:
-                hidden = self._direct_layer(index, self.direct[index], hidden, rope, mask, cache, start)
-            else:
+                # One additive mask for every layer instead of a bool mask SDPA converts per call.
+                mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+                for index, w in enumerate(self.direct):
+                    hidden = self._direct_layer(index, w, hidden, rope, mask, cache, start)
+        if self.direct is None:
+            for index, layer in enumerate(self.layers):
                 hidden = self._module_layer(index, layer, hidden, rope, mask, cache, start)
         cache.length = start + steps
         return self.logits(hidden[:, -1])
@@ -572,6 +634,7 @@ class MegatronEngine(GenerationEngine):
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         rows = self._rows(requests)
+        self.runner.refresh()
         with self._inference_mode():
             for batch in self._micro_batches(rows):
                 self._run_batch(batch)
@@ -686,7 +749,8 @@ class MegatronEngine(GenerationEngine):
         step = 0
         while True:
             temperature, top_k, top_p, uniforms = params
-            tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, uniforms[:, step])
+            with torch._C.DisableTorchFunction():  # plain torch ops (see MegatronRunner)
+                tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, uniforms[:, step])
             tokens, logprobs = self._sync_tensor_parallel(tokens, logprobs)
             token_list, logprob_list = tokens.tolist(), logprobs.tolist()  # one device sync
             for k, index in enumerate(live):

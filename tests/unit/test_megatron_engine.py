@@ -18,7 +18,8 @@ import torch
 import megatron_selfreward.generation.megatron_engine as engine_mod
 from megatron_selfreward.config import load_config
 from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams, sample_seed
-from megatron_selfreward.generation.megatron_engine import MegatronEngine, sample_tokens
+from megatron_selfreward.generation.megatron_engine import MegatronEngine, MegatronRunner, sample_tokens
+from megatron_selfreward.generation.packed_linear import packing_supported
 from megatron_selfreward.megatron.model import build_model
 from megatron_selfreward.megatron.parallel import single_process_world
 from tests.conftest import CONFIGS
@@ -64,12 +65,15 @@ def requests_for(prompts: list[list[int]], params: SamplingParams) -> list[Gener
     return [GenerationRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
 
 
-@pytest.mark.parametrize("path", ["direct", "modules"])
+@pytest.mark.parametrize("path", ["direct", "direct_unpacked", "modules"])
 def test_greedy_equals_full_recompute(tiny, path: str) -> None:
     cfg, model = tiny
     prompts = prompts_with_shared_head([3, 9, 1, 14]) + [torch.arange(5, 12).tolist()]
     engine = MegatronEngine(model, cfg)
     assert engine.runner.direct is not None, "the tiny model is plain Llama: direct path"
+    assert engine.runner.pack == packing_supported(torch.float32, torch.device("cpu"))
+    if path == "direct_unpacked":
+        engine.runner = MegatronRunner(model, cfg.model.vocab_size, pack=False)  # F.linear GEMMs
     if path == "modules":
         engine.runner.direct = None  # run every layer through its Megatron modules
     results = engine.generate(requests_for(prompts, greedy(10)))
@@ -225,6 +229,63 @@ def test_padded_vocab_rows_are_never_sampled(tiny) -> None:
     finally:
         with torch.no_grad():
             weight.copy_(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_decode_step_equals_unpacked(tiny, dtype: torch.dtype) -> None:
+    """The packed path (oneDNN GEMMs, fused residual/SwiGLU epilogues) against plain F.linear:
+    same logits up to rounding at every step of a cached decode, same greedy tokens."""
+    cfg, model = tiny
+    if not packing_supported(dtype, torch.device("cpu")):
+        pytest.skip(f"no oneDNN packed GEMM for {dtype} on this CPU")
+    prompts = prompts_with_shared_head([3, 9, 1, 14], seed=11)
+    runs = {}
+    for pack in (True, False):
+        engine = MegatronEngine(model, cfg, dtype=dtype)
+        engine.runner = MegatronRunner(model, cfg.model.vocab_size, dtype, pack=pack)
+        assert (engine.runner.direct[0].qkv.packed is not None) == pack
+        runs[pack] = engine.generate(requests_for(prompts, greedy(8)))
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for packed, plain in zip(runs[True], runs[False]):
+        assert packed.samples[0].token_ids == plain.samples[0].token_ids
+        assert max(abs(a - b) for a, b in zip(packed.samples[0].logprobs, plain.samples[0].logprobs)) < tol
+    # The raw logits of one decode step, rows of different lengths.
+    with torch.inference_mode():
+        logits = {}
+        for pack in (True, False):
+            runner = MegatronRunner(model, cfg.model.vocab_size, dtype, pack=pack)
+            engine = MegatronEngine(model, cfg, dtype=dtype)
+            engine.runner = runner
+            rows = engine._rows(requests_for(prompts, greedy(4)))
+            cache, first = engine._prefill(rows)
+            step = runner.forward(first.argmax(-1)[:, None], torch.tensor([[len(p)] for p in prompts]),
+                                  torch.ones(len(prompts), 1, dtype=torch.bool), cache)
+            logits[pack] = (first, step)
+        for a, b in zip(logits[True], logits[False]):
+            torch.testing.assert_close(a, b, atol=tol * 10, rtol=tol)
+
+
+def test_packed_weights_follow_in_place_updates(tiny) -> None:
+    """Same-dtype direct path: packed copies are re-packed when a parameter changes in place
+    (the trainer's optimizer step), so the engine decodes the current weights."""
+    cfg, model = tiny
+    prompts = prompts_with_shared_head([4, 7], seed=12)
+    engine = MegatronEngine(model, cfg)
+    before = engine.generate(requests_for(prompts, greedy(6)))
+    weight = model.decoder.layers[0].mlp.linear_fc2.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(-3.0)
+    try:
+        changed = engine.generate(requests_for(prompts, greedy(6)))
+        expected = [recompute_greedy(model, p, 6)[0] for p in prompts]
+        assert [r.samples[0].token_ids for r in changed] == expected
+        assert [r.samples for r in changed] != [r.samples for r in before]
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    again = engine.generate(requests_for(prompts, greedy(6)))
+    assert [r.samples for r in again] == [r.samples for r in before]
 
 
 def test_bfloat16_copy_and_load_weights_refresh(tiny) -> None:
