@@ -153,7 +153,8 @@ def run_sample_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts
                 for i, s in enumerate(outs)]
 
     responses, reused = run_sharded(entries, cfg.pipeline.shard_size, out, fp, process, Response,
-                                    workers=workers, stats=lambda: _engine_stats(engine))
+                                    workers=workers, stats=lambda: _engine_stats(engine),
+                                    desc="sample_responses")
     if responses is None:
         return None
     engine_stats = merged_engine_stats(out)
@@ -208,7 +209,7 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
                 for r, req in shard]
 
     judgements, reused = run_sharded(entries, cfg.pipeline.shard_size, out, fp, process, Judgement,
-                                     workers=workers,
+                                     workers=workers, desc="judge_responses",
                                      stats=lambda: {**_engine_stats(engine), "forced_score_samples": forced})
     if judgements is None:
         return None

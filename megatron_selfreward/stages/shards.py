@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from megatron_selfreward.io import atomic_write_json, read_records, write_jsonl
+from megatron_selfreward.progress import progress_bar
 from megatron_selfreward.stages.errors import StageError
 
 T = TypeVar("T")
@@ -117,12 +118,14 @@ def run_sharded(items: Sequence[T], shard_size: int, out: Path, fp: dict[str, An
                 process: Callable[[Sequence[T]], list[R]], record_cls: type[R],
                 on_shard: Callable[[int, int, bool], None] | None = None,
                 workers: Workers = SINGLE,
-                stats: Callable[[], dict[str, Any]] | None = None) -> tuple[list[R] | None, int]:
+                stats: Callable[[], dict[str, Any]] | None = None,
+                desc: str | None = None) -> tuple[list[R] | None, int]:
     """All records of `items` in input order (None on a worker that does not gather), and how
     many shards were already on disk.
 
     `process(shard_items)` returns the shard's records; `on_shard(index, total, reused)` reports
-    progress on this worker's shards; `stats()` (e.g. the engine's counters) is saved per worker.
+    progress on this worker's shards; `stats()` (e.g. the engine's counters) is saved per worker;
+    `desc` shows a progress bar over this worker's items.
     """
     meta = {"fingerprint": fp, "shard_size": shard_size, "items": len(items)}
     meta = json.loads(json.dumps(meta, sort_keys=True, default=str))
@@ -133,19 +136,28 @@ def run_sharded(items: Sequence[T], shard_size: int, out: Path, fp: dict[str, An
     done_before = {i for i in range(total) if shard_path(directory, i).is_file()}
     if workers.size > 1:
         workers.barrier()  # every worker has looked before any writes
-    for index in range(total):
-        if not workers.owns(index):
-            continue
+    mine = [i for i in range(total) if workers.owns(i)]
+    bar = None
+    if desc is not None and workers.writes and mine:
+        label = desc if workers.size == 1 else f"{desc} [worker {workers.rank + 1}/{workers.size}]"
+        bar = progress_bar(sum(len(items[i * shard_size : (i + 1) * shard_size]) for i in mine), label,
+                           unit="item")
+    for index in mine:
+        shard_items = items[index * shard_size : (index + 1) * shard_size]
         if index in done_before:
             if on_shard is not None:
                 on_shard(index, total, True)
-            continue
-        shard = process(items[index * shard_size : (index + 1) * shard_size])
-        computed += 1
-        if workers.writes:
-            write_jsonl(shard_path(directory, index), shard)
-        if on_shard is not None:
-            on_shard(index, total, False)
+        else:
+            shard = process(shard_items)
+            computed += 1
+            if workers.writes:
+                write_jsonl(shard_path(directory, index), shard)
+            if on_shard is not None:
+                on_shard(index, total, False)
+        if bar is not None:
+            bar.update(len(shard_items))
+    if bar is not None:
+        bar.close()
     if workers.writes and computed:
         atomic_write_json(directory / f"worker_{workers.rank:05d}-of-{workers.size:05d}.json",
                           {"worker": workers.rank, "workers": workers.size, "group": workers.name,

@@ -2,8 +2,8 @@
 started here, stopped by PID at the end; see cluster.py).
 
 1. The tiny preset's seed -> M1 -> iteration 1 -> M2 chain as jobs: SFT and DPO on 2 tasks
-   (srun, gloo), sampling and judging as 2-task job arrays plus gather jobs; every job
-   COMPLETED, the iteration's files on disk.
+   (srun, gloo), sampling and judging as 2-task job arrays (2 ranks per task) plus gather jobs;
+   every job COMPLETED, the iteration's files on disk.
 2. Bad input in one stage (a malformed line in prompts.jsonl): that stage's jobs FAIL, every
    dependent is CANCELLED (none left pending); after the fix a resubmission skips the finished
    stages and reproduces the first run's pairs.
@@ -97,9 +97,10 @@ def test_sbatch_iteration_runs_the_whole_chain(cluster, run_dir):
     for model in ("M1", "M2"):
         assert (run_dir / "models" / f"{model}.manifest.json").is_file()
         assert (run_dir / "eval" / model / "metrics.json").is_file()
-    # the array's two tasks both computed shards; the gather job assembled them
-    sample = json.loads((it / "responses.manifest.json").read_text())
-    assert sample["engine"]["workers"] == 2 and sample["engine"]["shards_computed"] >= 2
+    # 2 array tasks x 2 ranks each computed one shard (one prompt) apiece; a gather job assembled them
+    for name in ("responses", "judgements"):
+        engine = json.loads((it / f"{name}.manifest.json").read_text())["engine"]
+        assert (engine["workers"], engine["shards_computed"]) == (4, 4), engine
     assert len(read_jsonl(it / "responses.jsonl")) == 4 * 4
     # SFT and DPO ran as 2 processes started by srun
     for model in ("M1", "M2"):
