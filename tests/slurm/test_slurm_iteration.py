@@ -97,10 +97,11 @@ def test_sbatch_iteration_runs_the_whole_chain(cluster, run_dir):
     for model in ("M1", "M2"):
         assert (run_dir / "models" / f"{model}.manifest.json").is_file()
         assert (run_dir / "eval" / model / "metrics.json").is_file()
-    # 2 array tasks x 2 ranks each computed one shard (one prompt) apiece; a gather job assembled them
-    for name in ("responses", "judgements"):
+    # 2 array tasks x 2 ranks split the shards (shard_size 1: 4 prompts, then 16 responses to
+    # judge); a gather job assembled them
+    for name, shards in (("responses", 4), ("judgements", 16)):
         engine = json.loads((it / f"{name}.manifest.json").read_text())["engine"]
-        assert (engine["workers"], engine["shards_computed"]) == (4, 4), engine
+        assert (engine["workers"], engine["shards_computed"]) == (4, shards), engine
     assert len(read_jsonl(it / "responses.jsonl")) == 4 * 4
     # SFT and DPO ran as 2 processes started by srun
     for model in ("M1", "M2"):
