@@ -11,16 +11,18 @@ fp32 and in bf16 (HF model loaded in that dtype; our engine with `dtype=` on the
   judge      5 judge prompts (Figure 2 rubric + instruction + response) x 3 samples,
              T=0.7, top-p 0.9, <= 96 new tokens, stop at EOS (the paper's judging)
 
-Output tokens/s = generated tokens (up to and including EOS) / wall time including prefill;
-each engine runs each workload `--repeats` times, interleaved, and the fastest run counts (the
-machines this runs on are shared: every row records the 1-minute load average and the
-process CPU seconds beside the wall time).
+Output tokens/s = generated tokens (up to and including EOS) / wall time including prefill.
+One command measures both precisions side by side: each repeat runs every workload in every
+dtype on both engines, back to back (engine order alternating between repeats), so the two
+sides of a ratio see the same background load. The machines this runs on are shared: every run
+records the 1-minute load average before and after and its process CPU seconds; the report
+gives the ratio of medians, of the fastest runs, and per CPU-second.
 Also: prefill tokens computed vs requested for the judge batch, and a `kv_cache` section that
 decodes the same greedy batch with megatron-core's StaticInferenceContext and with our cache.
 
-    python benchmarks/generate_cpu.py [--quick] [--dtypes float32,bfloat16] [--merge]
+    python benchmarks/generate_cpu.py [--quick] [--dtypes float32,bfloat16] [--repeats 3]
 
-Writes benchmarks/results/generate_cpu.json (dated, with machine, versions and command).
+Writes benchmarks/results/generate_cpu.json and .md (dated, with machine, versions, command).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -78,10 +81,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--quick", action="store_true", help="short generations (smoke test)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per engine; the fastest counts")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the other dtypes' rows of an existing --out (runs at quieter times)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved runs per workload, dtype and engine")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON report; the .md goes beside it")
     parser.add_argument("--workdir", type=Path, default=None, help="where to import the GGUF")
     return parser.parse_args()
 
@@ -238,49 +240,73 @@ def kv_cache_comparison(model: Any, cfg: Any, work: Workload, quick: bool) -> di
     }
 
 
-def bench_dtype(dtype: str, hf_dir: Path, model: Any, cfg: Any, works: list[Workload],
-                ids: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
-    """Both engines on every workload, interleaved, best of `repeats` (the machine is shared)."""
+def timed(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One run with the 1-minute load average on either side (the machine is shared)."""
+    load_before = os.getloadavg()[0]
+    result = run()
+    return {**result, "load_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
+def bench(hf_dir: Path, model: Any, cfg: Any, works: list[Workload], dtypes: list[str],
+          ids: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
+    """Every (repeat, workload, dtype): both engines back to back, order alternating."""
     from transformers import LlamaForCausalLM
 
     from megatron_selfreward.generation.megatron_engine import MegatronEngine
 
-    hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
-    engine = MegatronEngine(model, cfg, tokenizer=None, max_batch_size=ROWS, dtype=dtype)
-    runners = {"megatron_engine": lambda w: run_ours(engine, w, ids["eos"]),
-               "transformers": lambda w: run_hf(hf, w, ids["eos"], ids["pad"])}
+    runners: dict[tuple[str, str], Callable[[Workload], dict[str, Any]]] = {}
     warm = Workload("warm", [works[0].prompts[0][:8]], 1, 0.7, 0.9, 2, False)
-    run_ours(engine, warm, None), run_hf(hf, warm, None, ids["pad"])  # one-off kernel setup
+    for dtype in dtypes:
+        hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
+        engine = MegatronEngine(model, cfg, tokenizer=None, max_batch_size=ROWS, dtype=dtype)
+        runners[dtype, "megatron_engine"] = lambda w, e=engine: run_ours(e, w, ids["eos"])
+        runners[dtype, "transformers"] = lambda w, m=hf: run_hf(m, w, ids["eos"], ids["pad"])
+        for engine_name in ("megatron_engine", "transformers"):  # one-off kernel setup
+            runners[dtype, engine_name](warm)
+    runs = []
+    for repeat in range(repeats):
+        for work in works:
+            for dtype in dtypes:
+                order = ["megatron_engine", "transformers"][:: 1 if repeat % 2 == 0 else -1]
+                for name in order:
+                    result = timed(lambda: runners[dtype, name](work))
+                    runs.append({"repeat": repeat, "workload": work.name, "dtype": dtype, "engine": name, **result})
+                    print(f"  [{repeat}] {work.name:9s} {dtype:8s} {name:15s} {result['output_tokens']:5d} tok "
+                          f"{result['seconds']:7.2f} s {result['tokens_per_s']:7.1f} tok/s  "
+                          f"load {result['load_1m'][0]:.1f}", flush=True)
+    return runs
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per workload and dtype: each engine's median and best tokens/s, and our ratios."""
     rows = []
-    for work in works:
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
-        for _ in range(repeats):
-            for name, run in runners.items():
-                runs[name].append(run(work))
-        for name, results in runs.items():
-            best = min(results, key=lambda r: r["seconds"])
-            result = {"workload": work.name, "dtype": dtype, "engine": name, **best,
-                      "all_seconds": [round(r["seconds"], 3) for r in results],
-                      "load_average": round(os.getloadavg()[0], 2)}
-            print(f"  {work.name:9s} {dtype:8s} {name:15s} {result['output_tokens']:5d} tok "
-                  f"{result['seconds']:7.2f} s {result['tokens_per_s']:7.1f} tok/s", flush=True)
-            rows.append(result)
+    keys = list(dict.fromkeys((r["workload"], r["dtype"]) for r in runs))
+    for workload, dtype in keys:
+        row: dict[str, Any] = {"workload": workload, "dtype": dtype}
+        for engine in ("megatron_engine", "transformers"):
+            mine = [r for r in runs if (r["workload"], r["dtype"], r["engine"]) == (workload, dtype, engine)]
+            row[engine] = {
+                "output_tokens": statistics.median(r["output_tokens"] for r in mine),
+                "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in mine),
+                "tokens_per_s_best": max(r["tokens_per_s"] for r in mine),
+                "tokens_per_cpu_s_median": statistics.median(r["output_tokens"] / r["cpu_seconds"] for r in mine),
+                "seconds": [round(r["seconds"], 3) for r in mine],
+                "load_1m_max": max(max(r["load_1m"]) for r in mine),
+            }
+        ours, theirs = row["megatron_engine"], row["transformers"]
+        row["speedup_median"] = ours["tokens_per_s_median"] / theirs["tokens_per_s_median"]
+        row["speedup_best"] = ours["tokens_per_s_best"] / theirs["tokens_per_s_best"]
+        row["speedup_per_cpu_s"] = ours["tokens_per_cpu_s_median"] / theirs["tokens_per_cpu_s_median"]
+        # Ratio within each repeat (adjacent runs, same background load), then the median.
+        per_repeat = []
+        for repeat in sorted({r["repeat"] for r in runs}):
+            pair = {r["engine"]: r["tokens_per_s"] for r in runs
+                    if (r["workload"], r["dtype"], r["repeat"]) == (workload, dtype, repeat)}
+            per_repeat.append(pair["megatron_engine"] / pair["transformers"])
+        row["speedup_per_repeat"] = [round(x, 2) for x in per_repeat]
+        row["speedup_per_repeat_median"] = statistics.median(per_repeat)
+        rows.append(row)
     return rows
-
-
-def print_table(results: list[dict[str, Any]], kv: dict[str, Any]) -> None:
-    print(f"\n{'workload':10s} {'dtype':9s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'speedup':>8s}")
-    for ours in (r for r in results if r["engine"] == "megatron_engine"):
-        hf = next(r for r in results if r["engine"] == "transformers"
-                  and r["workload"] == ours["workload"] and r["dtype"] == ours["dtype"])
-        print(f"{ours['workload']:10s} {ours['dtype']:9s} {ours['tokens_per_s']:11.1f} "
-              f"{hf['tokens_per_s']:9.1f} {ours['tokens_per_s'] / hf['tokens_per_s']:7.2f}x")
-    judge = next(r for r in results if r["engine"] == "megatron_engine" and r["workload"] == "judge")
-    print(f"\njudge prefill: {judge['prefill_tokens_computed']} computed of "
-          f"{judge['prefill_tokens_requested']} requested ({100 * judge['prefill_saved_fraction']:.1f}% saved)")
-    print(f"kv cache (fp32 greedy decode, {kv['rows']} rows): megatron StaticInferenceContext "
-          f"{kv['megatron_static']['decode_tokens_per_s']:.1f} tok/s, ours "
-          f"{kv['ours']['decode_tokens_per_s']:.1f} tok/s, same tokens: {kv['same_greedy_tokens']}")
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> tuple[str, list[Workload], list[dict], dict]:
@@ -303,44 +329,111 @@ def measure(args: argparse.Namespace, workdir: Path) -> tuple[str, list[Workload
         load_hf_into_model(model, hf_dir, cfg)
         model.eval()
         print(f"model: {label}; threads: {torch.get_num_threads()}", flush=True)
-        results = []
-        for dtype in args.dtypes.split(","):
-            results += bench_dtype(dtype, hf_dir, model, cfg, works, ids, args.repeats)
+        runs = bench(hf_dir, model, cfg, works, args.dtypes.split(","), ids, args.repeats)
         kv = kv_cache_comparison(model, cfg, works[0], args.quick)
-    return label, works, results, kv
+    return label, works, runs, kv
+
+
+def judge_prefill(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    judge = next(r for r in runs if r["engine"] == "megatron_engine" and r["workload"] == "judge")
+    return {k: judge[k] for k in ("prefill_tokens_requested", "prefill_tokens_computed",
+                                  "prefill_pad_tokens", "prefill_saved_fraction")}
 
 
 def write_report(args: argparse.Namespace, label: str, works: list[Workload],
-                 results: list[dict], kv: dict) -> dict[str, Any]:
-    """The JSON report; with --merge, rows of dtypes not rerun are kept from the previous file."""
-    run = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": " ".join([Path(sys.executable).name, *sys.argv]), "dtypes": args.dtypes.split(","),
-           "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
-    runs, kept = [run], []
-    if args.merge and args.out.is_file():
-        previous = json.loads(args.out.read_text())
-        kept = [r for r in previous["results"] if r["dtype"] not in run["dtypes"]]
-        runs = [r for r in previous["runs"] if set(r["dtypes"]) - set(run["dtypes"])] + runs
+                 runs: list[dict], kv: dict) -> dict[str, Any]:
+    loads = [x for r in runs for x in r["load_1m"]]
     report = {
-        "date": run["date"], "runs": runs, "machine": machine_info(), "model": label,
-        "rows_per_batch": ROWS, "repeats": args.repeats,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]), "machine": machine_info(), "model": label,
+        "rows_per_batch": ROWS, "repeats": args.repeats, "dtypes": args.dtypes.split(","),
+        "load_1m": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
         "workloads": [{k: v for k, v in asdict(w).items() if k != "prompts"}
                       | {"prompt_tokens": [len(p) for p in w.prompts]} for w in works],
-        "results": kept + results, "kv_cache": kv,
+        "summary": summarise(runs), "judge_prefill": judge_prefill(runs), "kv_cache": kv, "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(report))
     return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, load = report["machine"], report["load_1m"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    lines = [
+        "# Generation throughput on CPU: MegatronEngine vs transformers `generate`", "",
+        f"- date: {report['date']}",
+        f"- machine: {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, "
+        f"AMX-BF16: {m['amx_bf16']}), {m['platform']}",
+        f"- versions: {versions}",
+        f"- command: `{report['command']}`",
+        f"- model: {report['model']}; {report['rows_per_batch']} rows per batch on both sides; "
+        f"{report['repeats']} interleaved repeats",
+        f"- 1-minute load average over the runs (2 cores; one run alone makes about 2): "
+        f"min {load['min']:.1f}, median {load['median']:.1f}, max {load['max']:.1f}", "",
+        "## Output tokens/s, ours / transformers, same precision", "",
+        "| workload | dtype | ours tok/s (median) | HF tok/s (median) | **speedup (median of per-repeat ratios)** "
+        "| per repeat | ratio of medians | ratio of best runs | per CPU-second | max load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["summary"]:
+        ours, hf = row["megatron_engine"], row["transformers"]
+        lines.append(
+            f"| {row['workload']} | {row['dtype']} | {ours['tokens_per_s_median']:.1f} | "
+            f"{hf['tokens_per_s_median']:.1f} | **{row['speedup_per_repeat_median']:.2f}x** | "
+            f"{', '.join(f'{x:.2f}' for x in row['speedup_per_repeat'])} | {row['speedup_median']:.2f}x | "
+            f"{row['speedup_best']:.2f}x | {row['speedup_per_cpu_s']:.2f}x | "
+            f"{max(ours['load_1m_max'], hf['load_1m_max']):.1f} |")
+    workloads = "; ".join(
+        f"{w['name']}: {len(w['prompt_tokens'])} prompts x n={w['n']}, T={w['temperature']}, "
+        f"top-p {w['top_p']}, <= {w['max_new_tokens']} new tokens"
+        f"{', stop at EOS' if w['stop_at_eos'] else ', EOS ignored'}" for w in report["workloads"])
+    judge, kv = report["judge_prefill"], report["kv_cache"]
+    lines += [
+        "", f"Workloads: {workloads}. Same prompts, rows, sampling settings and lengths on both sides; "
+        "transformers runs `generate` (left padding, `num_return_sequences=n`) on a model loaded in the "
+        "dtype, ours runs `MegatronEngine(dtype=...)` on the fp32 Megatron model (a bf16 copy for bf16).",
+        "Tokens/s counts generated tokens up to and including EOS over wall time including prefill. "
+        "Per-repeat ratios compare adjacent runs (the same background load); per CPU-second divides "
+        "each side's tokens by its process CPU seconds (less sensitive to other load, not immune).", "",
+        "## Prefill reuse and KV cache", "",
+        f"- judge batch: {judge['prefill_tokens_computed']} prompt tokens computed of "
+        f"{judge['prefill_tokens_requested']} requested ({100 * judge['prefill_saved_fraction']:.1f}% saved: "
+        "the 3 samples of a judge prompt share one prefill, the rubric prefix is prefilled once)",
+        f"- greedy decode, fp32, {kv['rows']} rows x {kv['new_tokens']} new tokens after "
+        f"{kv['prompt_tokens']} prompt tokens: megatron-core StaticInferenceContext "
+        f"{kv['megatron_static']['decode_tokens_per_s']:.1f} decode tok/s, ours "
+        f"{kv['ours']['decode_tokens_per_s']:.1f} decode tok/s; same greedy tokens: {kv['same_greedy_tokens']}",
+        "", "Every run (seconds, CPU seconds, load before/after) is in generate_cpu.json.", "",
+    ]
+    return "\n".join(lines)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"\n{'workload':10s} {'dtype':9s} {'ours tok/s':>11s} {'HF tok/s':>9s} {'speedup':>8s} "
+          f"{'per repeat':>18s} {'per CPU-s':>9s}")
+    for row in report["summary"]:
+        print(f"{row['workload']:10s} {row['dtype']:9s} {row['megatron_engine']['tokens_per_s_median']:11.1f} "
+              f"{row['transformers']['tokens_per_s_median']:9.1f} {row['speedup_per_repeat_median']:7.2f}x "
+              f"{str(row['speedup_per_repeat']):>18s} {row['speedup_per_cpu_s']:8.2f}x")
+    judge, kv = report["judge_prefill"], report["kv_cache"]
+    print(f"\njudge prefill: {judge['prefill_tokens_computed']} computed of "
+          f"{judge['prefill_tokens_requested']} requested ({100 * judge['prefill_saved_fraction']:.1f}% saved)")
+    print(f"kv cache (fp32 greedy decode, {kv['rows']} rows): megatron StaticInferenceContext "
+          f"{kv['megatron_static']['decode_tokens_per_s']:.1f} tok/s, ours "
+          f"{kv['ours']['decode_tokens_per_s']:.1f} tok/s, same tokens: {kv['same_greedy_tokens']}")
+    print(f"load (1 min): {report['load_1m']}")
 
 
 def main() -> None:
     warnings.filterwarnings("ignore")
     args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        label, works, results, kv = measure(args, args.workdir or Path(tmp))
-    report = write_report(args, label, works, results, kv)
-    print_table(report["results"], kv)
-    print(f"\nwrote {args.out}")
+        label, works, runs, kv = measure(args, args.workdir or Path(tmp))
+    report = write_report(args, label, works, runs, kv)
+    print_table(report)
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
