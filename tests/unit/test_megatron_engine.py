@@ -336,8 +336,12 @@ def test_head_sampling_equals_full_sort(monkeypatch) -> None:
     top_k = torch.tensor([0, 5, 300, 2000] * (rows // 4))
     top_p = torch.tensor([0.9, 1.0, 0.5, 0.95] * (rows // 4))
     uniform = torch.rand(rows, generator=gen, dtype=torch.float64)
+    widths: list[int] = []
+    head = engine_mod._sample_head
+    monkeypatch.setattr(engine_mod, "_sample_head", lambda *a: widths.append(a[-1]) or head(*a))
     fast, _ = sample_tokens(peaked, temperature, top_k, top_p, uniform)
-    monkeypatch.setattr(engine_mod, "SAMPLING_HEAD_TOKENS", 10**9)
+    assert widths == [64, 512, 2000], "rows resolved at each width: peaked, top-k 300, flat"
+    monkeypatch.setattr(engine_mod, "SAMPLING_HEAD_WIDTHS", ())  # full sort for every row
     full, _ = sample_tokens(peaked, temperature, top_k, top_p, uniform)
     assert torch.equal(fast, full)
 
