@@ -28,7 +28,10 @@ parallelism is Megatron's own weight layout) with its own attention over its own
   prefix of all distinct prompts in a micro-batch (the judge rubric, a few-shot header, the chat
   template's system turn) is prefilled once with batch size 1 and copied into every row.
   Requests are sorted by prompt tokens before they are cut into micro-batches, so prompts that
-  share a prefix land together. Nothing is cached across `generate` calls.
+  share a prefix land together. Nothing is cached across `generate` calls. On CPUs a shared
+  prefix of SHARED_PREFIX_ATTENTION_MIN_TOKENS or more (the judge rubric) is not copied at all:
+  it stays in its one-row cache and attention is split at it (every row's queries against the
+  prefix in one call, each row against its own columns, merged by log-sum-exp).
 - Finished rows are dropped from the batch (and the cache) once a quarter of them are done.
 - Sampling: temperature, then top-k, then top-p over the renormalised top-k distribution, by
   inverse CDF with one uniform per token drawn from the sample's own generator, so a sample
@@ -75,6 +78,9 @@ COMPACT_FRACTION = 0.25
 SAMPLING_HEAD_WIDTHS = (64, 512)
 # Decoding a short window of tail tokens is enough to see a stop string appear.
 STOP_WINDOW_EXTRA_TOKENS = 8
+# A shared prefix at least this long stays in one cache row and is attended to once for all
+# rows (CPU); shorter ones are copied into every row, where one attention call is cheaper.
+SHARED_PREFIX_ATTENTION_MIN_TOKENS = 128
 
 
 class KVCache:
@@ -82,7 +88,9 @@ class KVCache:
 
     Buffers are allocated on first write, from the shapes the model produces (so a TP rank's
     share of KV heads needs no bookkeeping here). `valid[r, c]` says column c of row r holds a
-    real token; padding columns are never attended to.
+    real token; padding columns are never attended to. With a `prefix` cache attached (one row,
+    `prefix.length` columns, shared by every row), columns [0, prefix.length) of the rows are
+    never written nor read: attention takes them from the prefix.
     """
 
     def __init__(self, rows: int, max_len: int, num_layers: int, device: torch.device) -> None:
@@ -91,6 +99,11 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.valid = torch.zeros(rows, max_len, dtype=torch.bool, device=device)
         self.length = 0
+        self.prefix: KVCache | None = None
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix is None else self.prefix.length
 
     def write(
         self, layer: int, key: torch.Tensor, value: torch.Tensor, start: int
@@ -110,17 +123,24 @@ class KVCache:
     def take_rows(self, index: torch.Tensor) -> "KVCache":
         """A cache of rows `index` (repeats allowed), copying only the columns written so far."""
         new = KVCache(len(index), self.max_len, len(self.keys), self.valid.device)
-        n = self.length
+        new.prefix = self.prefix
+        p, n = self.prefix_len, self.length
         for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
             if keys is None or values is None:
                 continue
             new.keys[layer] = keys.new_empty((len(index),) + tuple(keys.shape[1:]))
             new.values[layer] = values.new_empty((len(index),) + tuple(values.shape[1:]))
-            new.keys[layer][:, :, :n] = keys[index, :, :n]
-            new.values[layer][:, :, :n] = values[index, :, :n]
+            new.keys[layer][:, :, p:n] = keys[index, :, p:n]
+            new.values[layer][:, :, p:n] = values[index, :, p:n]
         new.valid[:, :n] = self.valid[index, :n]
         new.length = n
         return new
+
+    def attach_prefix(self, prefix: "KVCache") -> None:
+        """Share a one-row cache's columns with every row without copying them."""
+        self.prefix = prefix
+        self.valid[:, : prefix.length] = prefix.valid[:, : prefix.length]
+        self.length = prefix.length
 
     def fill_prefix(self, prefix: "KVCache") -> None:
         """Copy a one-row cache's columns into every row (the shared prefix)."""
@@ -343,11 +363,49 @@ class MegatronRunner:
                 mask: torch.Tensor, cache: KVCache, start: int) -> torch.Tensor:
         """Cache append and SDPA on rotated q/k: [b, s, heads, dim] in, [b, s, heads * dim] out."""
         keys, values = cache.write(index, key, value, start)
+        if cache.prefix is not None:
+            return self._attend_with_prefix(index, query, keys, values, mask, cache)
         context = F.scaled_dot_product_attention(
             query.transpose(1, 2), keys, values, attn_mask=mask, scale=self.softmax_scale,
             enable_gqa=keys.shape[1] != query.shape[2],
         )
         return context.transpose(1, 2).flatten(2)
+
+    def _attend_with_prefix(self, index: int, query: torch.Tensor, keys: torch.Tensor,
+                            values: torch.Tensor, mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Attention split at the shared prefix and merged by log-sum-exp (cascade attention).
+
+        The prefix part is one call with every row's queries against the one-row prefix cache
+        (its keys and values are read once, not once per row); the suffix part is per row over
+        its own columns. GQA folds a group's query heads into the query length, so neither part
+        repeats KV heads. CPU only (torch's flash kernel for CPU returns the log-sum-exp).
+        """
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        b, s, heads, dim = query.shape
+        p, groups = cache.prefix_len, keys.shape[1]
+        per_group = heads // groups
+        q = query.view(b, s, groups, per_group, dim)
+        prefix_keys = cache.prefix.keys[index][:, :, :p]
+        prefix_values = cache.prefix.values[index][:, :, :p]
+        # The prefix is whole and precedes every query: no mask.
+        q_all = q.permute(2, 0, 1, 3, 4).reshape(1, groups, b * s * per_group, dim)
+        out_p, lse_p = flash(q_all, prefix_keys, prefix_values, scale=self.softmax_scale)
+        out_p = out_p.view(groups, b, s, per_group, dim).permute(1, 2, 0, 3, 4)
+        lse_p = lse_p.view(groups, b, s, per_group).permute(1, 2, 0, 3)
+        q_rows = q.permute(0, 2, 1, 3, 4).reshape(b, groups, s * per_group, dim)
+        suffix_mask = mask[..., p:]
+        if suffix_mask.dtype == torch.bool:
+            suffix_mask = torch.zeros(suffix_mask.shape, dtype=query.dtype, device=query.device
+                                      ).masked_fill_(~suffix_mask, -math.inf)
+        suffix_mask = suffix_mask[:, :, :, None].expand(-1, -1, -1, per_group, -1).reshape(
+            b, 1, s * per_group, -1)
+        out_s, lse_s = flash(q_rows, keys[:, :, p:], values[:, :, p:], attn_mask=suffix_mask,
+                             scale=self.softmax_scale)
+        out_s = out_s.view(b, groups, s, per_group, dim).permute(0, 2, 1, 3, 4)
+        lse_s = lse_s.view(b, groups, s, per_group).permute(0, 2, 1, 3)
+        lse = torch.logaddexp(lse_p, lse_s)
+        out = out_p * (lse_p - lse).exp_()[..., None] + out_s * (lse_s - lse).exp_()[..., None]
+        return out.to(query.dtype).reshape(b, s, heads * dim)
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Sum a row-parallel layer's partial outputs over TP (what RowParallelLinear does)."""
@@ -732,7 +790,10 @@ class MegatronEngine(GenerationEngine):
             prefix = KVCache(1, shared, layers, device)
             tokens, positions, valid = _right_aligned(prompts[:1], 0, shared, device)
             self.runner.prefill(tokens, positions, valid, prefix)
-            cache.fill_prefix(prefix)
+            if shared >= SHARED_PREFIX_ATTENTION_MIN_TOKENS and device.type == "cpu":
+                cache.attach_prefix(prefix)
+            else:
+                cache.fill_prefix(prefix)
         tokens, positions, valid = _right_aligned(prompts, shared, width, device)
         logits = self.runner.prefill(tokens, positions, valid, cache)
         if row_to_unique != list(range(len(prompts))):

@@ -117,6 +117,34 @@ def test_prefix_reuse_changes_nothing_but_work(tiny) -> None:
     assert stats[True]["prefill_saved_fraction"] > 0.8
 
 
+@pytest.mark.parametrize("path", ["direct", "modules"])
+def test_shared_prefix_attention_equals_copied_prefix(tiny, monkeypatch, path: str) -> None:
+    """A long shared prefix stays in one cache row (attention split at the prefix and merged by
+    log-sum-exp): same greedy tokens as the full recompute, same as copying it into every row,
+    through prefill chunks, n > 1 row copies and compaction of finished rows."""
+    cfg, model = tiny
+    prompts = prompts_with_shared_head([4, 8, 2, 6], head=40, seed=13)
+    params = dataclasses.replace(greedy(8), n=2)
+    outputs, calls = {}, []
+    split_attention = MegatronRunner._attend_with_prefix
+    monkeypatch.setattr(MegatronRunner, "_attend_with_prefix",
+                        lambda self, *a: calls.append(1) or split_attention(self, *a))
+    for min_tokens in (10**9, 1):  # copied into rows / kept in one row
+        monkeypatch.setattr(engine_mod, "SHARED_PREFIX_ATTENTION_MIN_TOKENS", min_tokens)
+        monkeypatch.setattr(engine_mod, "PREFILL_CHUNK_TOKENS", 3)  # suffix prefill in chunks
+        engine = MegatronEngine(model, cfg, eos_token_ids=[7])  # some rows finish early
+        if path == "modules":
+            engine.runner.direct = None
+        outputs[min_tokens] = engine.generate(requests_for(prompts, params))
+    assert len(calls) == cfg.model.num_layers * (3 + engine.stats["decode_steps"]), "3 suffix chunks + decode"
+    for prompt, split, copied in zip(prompts, outputs[1], outputs[10**9]):
+        expected = recompute_greedy(model, prompt, 8)[0]
+        cut = expected.index(7) + 1 if 7 in expected else len(expected)
+        for a, b in zip(split.samples, copied.samples):
+            assert a.token_ids == b.token_ids == expected[:cut]
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
 def sampled(n: int = 3, seed: int | None = 7, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.9, top_p=0.9, top_k=40, max_new_tokens=8, n=n, seed=seed, **kw)
 
