@@ -129,3 +129,20 @@ class GenerationEngine(abc.ABC):
     def stats(self) -> dict[str, float]:
         """Counters and timings for the throughput report; backends fill what they can."""
         return {}
+
+    # Backends set these: the tokenizer that decodes samples and the end-of-sequence ids.
+    tokenizer: Any = None
+    eos_token_ids: frozenset[int] = frozenset()
+
+    def decode_text(self, token_ids: Sequence[int], finish_reason: FinishReason,
+                    params: SamplingParams) -> str:
+        """The sample's text: without a final EOS / stop token, cut before the first stop string."""
+        ids = list(token_ids)
+        if ids and finish_reason in ("eos", "stop") and (
+            ids[-1] in self.eos_token_ids or ids[-1] in params.stop_token_ids
+        ):
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids)
+        cuts = [text.find(s) for s in params.stop_strings if s in text]
+        return text[: min(cuts)] if cuts else text
+

@@ -17,8 +17,8 @@ parallelism is Megatron's own weight layout) with its own attention over its own
   batch, so left padding shifts a row's positions and a shared prefix cannot be followed by
   padded suffixes) and repeats KV heads for GQA each step. Our cache stores rotated keys, takes
   per-row position ids, and calls torch's SDPA with native GQA. Measured side by side in
-  benchmarks/generate_cpu.py (`kv_cache` section; SmolLM2, fp32, 16 rows, 2 cores: 234 vs
-  149 decode tokens/s, identical greedy tokens).
+  benchmarks/generate_cpu.py (`kv_cache` section; SmolLM2, fp32 greedy, 16 rows, 1 thread on a
+  loaded machine: 52.6 vs 38.7 decode tokens/s, identical greedy tokens; see results/).
 - Layout of one micro-batch's cache: columns [0, P) hold the shared prefix, columns [P, P + S)
   the prompt suffixes right-aligned (a row's padding sits just after the prefix and is masked),
   then one column per decode step. Every row's last prompt token is in the same column, so one
@@ -892,14 +892,3 @@ class MegatronEngine(GenerationEngine):
             sample.text = self.decode_text(row.token_ids, row.finish_reason, row.params)
         return sample
 
-    def decode_text(self, token_ids: Sequence[int], finish_reason: FinishReason,
-                    params: SamplingParams) -> str:
-        """The sample's text: without a final EOS / stop token, cut before the first stop string."""
-        ids = list(token_ids)
-        if ids and finish_reason in ("eos", "stop") and (
-            ids[-1] in self.eos_token_ids or ids[-1] in params.stop_token_ids
-        ):
-            ids = ids[:-1]
-        text = self.tokenizer.decode(ids)
-        cuts = [text.find(s) for s in params.stop_strings if s in text]
-        return text[: min(cuts)] if cuts else text

@@ -280,14 +280,3 @@ class TRTLLMEngine(GenerationEngine):
                 return end
         return len(ids)
 
-    def decode_text(self, token_ids: Sequence[int], finish_reason: FinishReason,
-                    params: SamplingParams) -> str:
-        """The sample's text: without a final EOS / stop token, cut before the first stop string."""
-        ids = list(token_ids)
-        if ids and finish_reason in ("eos", "stop") and (
-            ids[-1] in self.eos_token_ids or ids[-1] in params.stop_token_ids
-        ):
-            ids = ids[:-1]
-        text = self.tokenizer.decode(ids)
-        cuts = [text.find(s) for s in params.stop_strings if s in text]
-        return text[: min(cuts)] if cuts else text

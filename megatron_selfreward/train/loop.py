@@ -122,9 +122,9 @@ class MetricsLog:
             self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
         except ImportError:  # tensorboard is a dependency, but logging must never stop training
             self.writer = None
-        from tqdm import tqdm
+        from megatron_selfreward.progress import progress_bar
 
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
+        self.bar = progress_bar(total_steps, name, initial=start_step, unit="step")
 
     def _truncate(self, start_step: int) -> None:
         """On resume, forget the lines of steps after the checkpoint (they are redone)."""
