@@ -4,9 +4,9 @@ started here, stopped by PID at the end; see cluster.py).
 1. The tiny preset's seed -> M1 -> iteration 1 -> M2 chain as jobs: SFT and DPO on 2 tasks
    (srun, gloo), sampling and judging as 2-task job arrays (2 ranks per task) plus gather jobs;
    every job COMPLETED, the iteration's files on disk.
-2. Bad input in one stage (a malformed line in prompts.jsonl): that stage's jobs FAIL, every
-   dependent is CANCELLED (none left pending); after the fix a resubmission skips the finished
-   stages and reproduces the first run's pairs.
+2. Bad input in one stage (a malformed line in the judgements build_pairs reads): its job
+   FAILS, every dependent is CANCELLED (none left pending); after the fix a resubmission skips
+   the finished stages and reproduces the first run's pairs.
 3. Sharded sampling inside one job: srun + torch.distributed, srun --mpi=pmix + mpi4py, and
    mpirun, 2 ranks each, write exactly the records the job array wrote.
 
@@ -109,11 +109,9 @@ def test_sbatch_iteration_runs_the_whole_chain(cluster, run_dir):
         assert (manifest["processes"], manifest["launcher"]) == (2, "slurm"), manifest
 
 
-def _reset_after_prompts(run_dir: Path) -> None:
-    it = run_dir / "iter1"
-    for name in ("responses", "judgements", "pairs"):
-        for path in it.glob(f"{name}*"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+def _reset_after_judgements(run_dir: Path) -> None:
+    for path in (run_dir / "iter1").glob("pairs*"):
+        path.unlink()
     shutil.rmtree(run_dir / "models" / "M2")
     (run_dir / "models" / "M2.manifest.json").unlink()
     shutil.rmtree(run_dir / "eval" / "M2")
@@ -123,31 +121,33 @@ def test_bad_input_cancels_dependents_and_resubmission_skips_finished_stages(clu
     it = run_dir / "iter1"
     assert (it / "pairs.jsonl").is_file(), "needs the first test's run"
     first_pairs = read_jsonl(it / "pairs.jsonl")
-    prompts = (it / "prompts.jsonl").read_bytes()
-    _reset_after_prompts(run_dir)
-    (it / "prompts.jsonl").write_bytes(prompts + b'{"prompt_id": "broken", \n')
-    finished = {p: p.stat().st_mtime_ns for p in (run_dir / "models").glob("M1.manifest.json")}
+    judgements = (it / "judgements.jsonl").read_bytes()
+    _reset_after_judgements(run_dir)
+    (it / "judgements.jsonl").write_bytes(judgements + b'{"prompt_id": "broken", \n')
+    finished = [run_dir / "models" / "M1.manifest.json", it / "prompts.manifest.json",
+                it / "responses.manifest.json", it / "judgements.manifest.json"]
+    mtimes = {p: p.stat().st_mtime_ns for p in finished}
 
     log = run_dir.parent / "driver-2.out"
     jobs = _sbatch_iteration(cluster, log, "--run-dir", str(run_dir), "--iteration", "1")
     submitted = _submitted(log)
-    assert not any(label.startswith(("train_sft", "generate_prompts")) for label in submitted)
+    assert sorted(submitted) == ["build_pairs (iteration 1) [stage]", "evaluate (iteration 2) [stage]",
+                                 "report [stage]", "train_dpo (iteration 1) [stage]"]
     states = wait_for(jobs, TIMEOUT_S, env=cluster.env)
-    array = submitted["sample_responses (iteration 1) [array]"]
-    assert states[array] == "FAILED"
-    assert all(states[j] == "CANCELLED" for j in jobs if j != array), states
-    error = "".join(p.read_text() for p in (run_dir / "slurm" / "logs").glob(f"*-{array}_*.out"))
-    assert "prompts.jsonl" in error and "line" in error, error[-2000:]
+    failing = submitted["build_pairs (iteration 1) [stage]"]
+    assert states[failing] == "FAILED"
+    assert all(states[j] == "CANCELLED" for j in jobs if j != failing), states  # none left pending
+    error = next((run_dir / "slurm" / "logs").glob(f"*-{failing}.out")).read_text()
+    assert "judgements.jsonl" in error and "line" in error, error[-2000:]
 
-    (it / "prompts.jsonl").write_bytes(prompts)
+    (it / "judgements.jsonl").write_bytes(judgements)
     log = run_dir.parent / "driver-3.out"
     jobs = _sbatch_iteration(cluster, log, "--run-dir", str(run_dir), "--iteration", "1")
-    assert not any(label.startswith(("train_sft", "generate_prompts", "prepare_seed"))
-                   for label in _submitted(log))
+    assert sorted(_submitted(log)) == sorted(submitted)  # the finished stages are not redone
     states = wait_for(jobs, TIMEOUT_S, env=cluster.env)
     assert set(states.values()) == {"COMPLETED"}, states
     assert read_jsonl(it / "pairs.jsonl") == first_pairs
-    assert {p: p.stat().st_mtime_ns for p in finished} == finished
+    assert {p: p.stat().st_mtime_ns for p in finished} == mtimes
     assert (run_dir / "models" / "M2" / "megatron" / "metadata.json").is_file()
     status = subprocess.run([sys.executable, "-m", "megatron_selfreward.cli", "slurm", "status", "--run-dir",
                              str(run_dir)], cwd=REPO, env=_env(cluster), capture_output=True, text=True)
