@@ -24,7 +24,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 FinishReason = Literal["stop", "length", "eos"]
 
@@ -112,6 +112,20 @@ def sample_seed(seed: int | None, sample_index: int, *, engine_seed: int, reques
     key = f"{seed}:{sample_index}" if seed is not None else f"{engine_seed}:{request_id}:{sample_index}"
     digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def engine_rates(counters: Mapping[str, Any]) -> dict[str, float]:
+    """Rates derived from engine counters (one engine's, or several workers' summed):
+    `prefill_saved_fraction` where prefill tokens are counted, and `output_tokens_per_s` over
+    the prefill + decode time."""
+    rates: dict[str, float] = {}
+    if "prefill_tokens_requested" in counters:
+        requested = counters["prefill_tokens_requested"]
+        rates["prefill_saved_fraction"] = (1.0 - counters.get("prefill_tokens_computed", 0) / requested
+                                           if requested else 0.0)
+    busy = counters.get("prefill_time_s", 0) + counters.get("decode_time_s", 0)
+    rates["output_tokens_per_s"] = counters.get("decode_tokens", 0) / busy if busy else 0.0
+    return rates
 
 
 class GenerationEngine(abc.ABC):

@@ -63,6 +63,7 @@ from megatron_selfreward.generation.engine import (
     GenerationResult,
     Sample,
     SamplingParams,
+    engine_rates,
     sample_seed,
 )
 from megatron_selfreward.generation.packed_linear import PackedLinear, packing_supported
@@ -672,12 +673,7 @@ class MegatronEngine(GenerationEngine):
         prefill_pad_tokens: padding columns run besides; decode_tokens: tokens generated;
         decode_row_steps: rows run in decode steps (finished rows wait for compaction).
         """
-        out = dict(self._stats)
-        requested = out["prefill_tokens_requested"]
-        out["prefill_saved_fraction"] = 1.0 - out["prefill_tokens_computed"] / requested if requested else 0.0
-        total = out["prefill_time_s"] + out["decode_time_s"]
-        out["output_tokens_per_s"] = out["decode_tokens"] / total if total else 0.0
-        return out
+        return {**self._stats, **engine_rates(self._stats)}
 
     def reset_stats(self) -> None:
         self._stats = {key: 0.0 if key.endswith("_s") else 0 for key in _STAT_KEYS}

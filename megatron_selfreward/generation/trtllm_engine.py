@@ -53,6 +53,7 @@ from megatron_selfreward.generation.engine import (
     GenerationResult,
     Sample,
     SamplingParams,
+    engine_rates,
     sample_seed,
 )
 
@@ -116,9 +117,7 @@ class TRTLLMEngine(GenerationEngine):
         interleaves prefill and decode in flight, so there is no separate prefill time);
         logprobs_missing: generated tokens TensorRT-LLM returned no log-prob for (NaN).
         """
-        out: dict[str, Any] = dict(self._stats)
-        t = out["decode_time_s"]
-        out["output_tokens_per_s"] = out["decode_tokens"] / t if t else 0.0
+        out: dict[str, Any] = {**self._stats, **engine_rates(self._stats)}  # no prefill_time_s here
         out["engine_built"] = int(self.engine_built)
         out["engine_build_time_s"] = self.engine_build_time_s
         out["logprobs_mode"] = self.logprobs_mode

@@ -131,8 +131,10 @@ def start_process_group(env: DistEnv, timeout: datetime.timedelta = datetime.tim
                             world_size=env.world_size, timeout=timeout)
 
 
-def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None) -> DistEnv:
-    """Start torch.distributed and megatron's TP/PP/DP groups as the config says."""
+def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None,
+                     timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> DistEnv:
+    """Start torch.distributed and megatron's TP/PP/DP groups as the config says; `timeout`
+    bounds every collective of a process group started here."""
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
@@ -154,7 +156,7 @@ def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None) -> D
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     if not dist.is_initialized():
-        start_process_group(env)
+        start_process_group(env, timeout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,

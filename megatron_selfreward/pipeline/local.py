@@ -142,6 +142,7 @@ def _sharded(cfg: Config, spec: StageSpec, ctx: StageContext, run: Callable[...,
     """A generation stage split over this launcher's workers; the model loads on first use."""
     from megatron_selfreward.pipeline.workers import LazyEngine, generation_workers
     from megatron_selfreward.policy import load_tokenizer
+    from megatron_selfreward.stages.shards import GATHER_ONLY, SINGLE
 
     if _launched(cfg) and not (ctx.array or ctx.gather_only):
         return _torchrun(cfg, spec, ctx)
@@ -152,7 +153,7 @@ def _sharded(cfg: Config, spec: StageSpec, ctx: StageContext, run: Callable[...,
             ctx.log(f"      {spec.name}: worker {workers.rank} of {workers.size} ({workers.name})")
         load = lambda: ctx.policy(model).engine  # noqa: E731
         run(load() if workers.collective_load else LazyEngine(load), tokenizer, workers)
-        if workers.name not in ("single", "gather"):
+        if workers is not SINGLE and workers is not GATHER_ONLY:
             ctx.release()  # the model belongs to this stage's world, which ends here
     return None
 

@@ -59,10 +59,14 @@ def slurm_dir(cfg: Config) -> Path:
     return _run_dir(cfg) / "slurm"
 
 
+def _job_prefix(cfg: Config) -> str:
+    """What every job name of this run starts with."""
+    return "sr-" + re.sub(r"[^A-Za-z0-9_.-]", "_", _run_dir(cfg).name) + "-"
+
+
 def _job_name(cfg: Config, spec: StageSpec, role: str) -> str:
-    run = re.sub(r"[^A-Za-z0-9_.-]", "_", _run_dir(cfg).name)
     suffix = f"-i{spec.iteration}" if spec.iteration else ""
-    return f"sr-{run}-{spec.name}{suffix}" + ("-gather" if role == "gather" else "")
+    return f"{_job_prefix(cfg)}{spec.name}{suffix}" + ("-gather" if role == "gather" else "")
 
 
 def job_shape(cfg: Config, spec: StageSpec, role: str) -> dict[str, int]:
@@ -161,9 +165,8 @@ def active_jobs(cfg: Config) -> list[str]:
         return []
     proc = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True,
                           env=_clean_env(), check=False)
-    prefix = _job_name(cfg, StageSpec("", 0, {}, {}), "stage").rstrip("-")
     return [line for line in proc.stdout.splitlines() if len(line.split()) == 3 and
-            line.split()[1].startswith(prefix + "-")]
+            line.split()[1].startswith(_job_prefix(cfg))]
 
 
 def submit_run(cfg: Config, up_to_iteration: int | None = None, log: Log = print,

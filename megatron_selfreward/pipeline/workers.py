@@ -95,10 +95,8 @@ def generation_workers(cfg: Config, array: bool = False, gather_only: bool = Fal
     """The worker group of this process for a sharded stage, with the world it needs set up
     (megatron's parallel state for building the model) for the duration. `gather_only`: write
     the output from shards that array tasks wrote, computing none (an error if any is missing)."""
-    import torch.distributed as dist
-
     from megatron_selfreward.megatron.parallel import (destroy_distributed, init_distributed, read_dist_env,
-                                                       single_process_world, start_process_group)
+                                                       single_process_world)
 
     env = os.environ if environ is None else environ
     if gather_only:
@@ -107,9 +105,7 @@ def generation_workers(cfg: Config, array: bool = False, gather_only: bool = Fal
     launched = read_dist_env(env)
     comm = shard_comm(cfg, launched.launcher)
     if launched.world_size > 1 and comm == "torch":
-        if not dist.is_initialized():
-            start_process_group(launched, timeout=BARRIER_TIMEOUT)
-        init_distributed(cfg, env)
+        init_distributed(cfg, env, timeout=BARRIER_TIMEOUT)
         try:
             workers = _torch_workers(cfg)
             yield _within_array(workers, env) if array else workers

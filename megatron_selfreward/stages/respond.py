@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from megatron_selfreward.config import Config
-from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams
+from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams, engine_rates
 from megatron_selfreward.io import read_records, write_jsonl
 from megatron_selfreward.judging.pairs import build_pair
 from megatron_selfreward.judging.parse import judgement_from_outputs, parse_score
@@ -111,13 +111,8 @@ def merged_engine_stats(out: Path) -> dict[str, Any]:
         for key, value in entry.get("stats", {}).items():
             if isinstance(value, (int, float)) and not key.endswith(("_fraction", "_per_s")):
                 total[key] = total.get(key, 0) + value
-    requested = total.get("prefill_tokens_requested", 0)
-    if requested:
-        total["prefill_saved_fraction"] = 1.0 - total.get("prefill_tokens_computed", 0) / requested
-    busy = total.get("prefill_time_s", 0) + total.get("decode_time_s", 0)
-    if busy:
-        total["output_tokens_per_s"] = total.get("decode_tokens", 0) / busy
     if workers:
+        total.update(engine_rates(total))
         total["workers"] = max(int(e.get("workers", 1)) for e in workers)
         total["shards_computed"] = sum(int(e.get("shards_computed", 0)) for e in workers)
     return total
