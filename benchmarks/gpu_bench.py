@@ -355,32 +355,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 def _world(device: str, seed: int) -> Any:
     """A one-process world with megatron's parallel state (NCCL on CUDA, gloo on CPU)."""
-    import contextlib
-
-    import torch.distributed as dist
-
     from megatron_selfreward.megatron.parallel import single_process_world
 
-    if device != "cuda":
-        return single_process_world(seed)
-
-    @contextlib.contextmanager
-    def nccl_world():
-        import torch
-        from megatron.core import parallel_state, tensor_parallel
-
-        torch.cuda.set_device(0)
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=torch.device("cuda", 0))
-        parallel_state.initialize_model_parallel()
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-        try:
-            yield
-        finally:
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
-
-    return nccl_world()
+    return single_process_world(seed, backend="nccl" if device == "cuda" else "gloo")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

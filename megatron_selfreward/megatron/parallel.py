@@ -175,8 +175,9 @@ def destroy_distributed() -> None:
 
 
 @contextlib.contextmanager
-def single_process_world(seed: int = 1234) -> Iterator[None]:
-    """A 1-rank gloo world with megatron's parallel state, for building models in-process.
+def single_process_world(seed: int = 1234, backend: str = "gloo") -> Iterator[None]:
+    """A 1-rank world (gloo, or "nccl" on GPU 0) with megatron's parallel state, for building
+    models in-process.
 
     Reuses an existing process group (and leaves it) if the caller already has one.
     """
@@ -189,7 +190,11 @@ def single_process_world(seed: int = 1234) -> Iterator[None]:
         return
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        extra = {}
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+            extra["device_id"] = torch.device("cuda", 0)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **extra)
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     try:

@@ -50,6 +50,8 @@ class StageSpec:
 
     @property
     def label(self) -> str:
+        if self.name == "evaluate":  # its number is the model's index, not an iteration
+            return f"evaluate (M{self.iteration})"
         return f"{self.name} (iteration {self.iteration})" if self.iteration else self.name
 
 

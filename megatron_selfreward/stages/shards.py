@@ -103,15 +103,18 @@ def _read_shards(directory: Path, total: int, record_cls: type[R]) -> list[R]:
     return records
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def worker_stats(out: Path) -> list[dict[str, Any]]:
     """The statistics every worker of the current work wrote (see run_sharded's `stats`)."""
-    found = []
-    for path in sorted(shard_dir(out).glob("*/worker_*.json")):
-        try:
-            found.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue  # a worker's statistics are informative only
-    return found
+    # A worker's statistics are informative only: an unreadable file is left out.
+    return [data for path in sorted(shard_dir(out).glob("*/worker_*.json")) if (data := _read_json(path))]
 
 
 def run_sharded(items: Sequence[T], shard_size: int, out: Path, fp: dict[str, Any],
@@ -165,6 +168,9 @@ def run_sharded(items: Sequence[T], shard_size: int, out: Path, fp: dict[str, An
                            "stats": stats() if stats is not None else {}})
     workers.barrier()
     reused = len(done_before)
+    if not workers.computes:  # a gather job: the array tasks' own files say what they computed
+        computed_by = [_read_json(p).get("shards_computed", 0) for p in directory.glob("worker_*.json")]
+        reused = max(0, total - sum(n for n in computed_by if isinstance(n, int)))
     if not workers.gathers:
         return None, reused
     records = _read_shards(directory, total, record_cls)

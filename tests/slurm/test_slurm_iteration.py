@@ -131,7 +131,7 @@ def test_bad_input_cancels_dependents_and_resubmission_skips_finished_stages(clu
     log = run_dir.parent / "driver-2.out"
     jobs = _sbatch_iteration(cluster, log, "--run-dir", str(run_dir), "--iteration", "1")
     submitted = _submitted(log)
-    assert sorted(submitted) == ["build_pairs (iteration 1) [stage]", "evaluate (iteration 2) [stage]",
+    assert sorted(submitted) == ["build_pairs (iteration 1) [stage]", "evaluate (M2) [stage]",
                                  "report [stage]", "train_dpo (iteration 1) [stage]"]
     states = wait_for(jobs, TIMEOUT_S, env=cluster.env)
     failing = submitted["build_pairs (iteration 1) [stage]"]

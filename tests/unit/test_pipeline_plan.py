@@ -43,6 +43,13 @@ def test_dpo_initialises_from_the_model_it_judged_with_and_writes_the_next():
         assert dpo.output == Path(f"/tmp/plan_test/models/M{t + 1}") and dpo.distributed
 
 
+def test_evaluate_is_labelled_by_the_model_it_scores():
+    stages = _plan("pipeline.iterations=1")
+    evaluate = find_stage(stages, "evaluate", 2)
+    assert evaluate.inputs["model"] == Path("/tmp/plan_test/models/M2")
+    assert evaluate.label == "evaluate (M2)" and find_stage(stages, "train_dpo", 1).label == "train_dpo (iteration 1)"
+
+
 def test_sft_baseline_option_adds_a_stage_that_writes_the_eft_judge():
     stages = _plan("data.eft_judge=sft_baseline")
     baseline, eft = find_stage(stages, "train_sft_baseline", 0), find_stage(stages, "build_eft", 0)

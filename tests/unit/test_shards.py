@@ -10,7 +10,7 @@ import pytest
 from megatron_selfreward.io import read_records
 from megatron_selfreward.records import Prompt
 from megatron_selfreward.stages.errors import StageError
-from megatron_selfreward.stages.shards import Workers, clear_shards, run_sharded, shard_dir, worker_stats
+from megatron_selfreward.stages.shards import GATHER_ONLY, Workers, clear_shards, run_sharded, shard_dir, worker_stats
 
 
 def _prompts(items):
@@ -105,3 +105,22 @@ def test_a_gatherer_refuses_to_assemble_when_a_worker_left_shards_missing(tmp_pa
         run_sharded(list(range(3)), 1, out, {"c": 1}, _prompts, Prompt,
                     workers=Workers(rank=0, size=2, gathers=True, name="broken"))
     assert not out.exists()
+
+
+def test_a_gather_job_counts_as_reused_only_the_shards_no_array_task_computed(tmp_path):
+    out = tmp_path / "responses.jsonl"
+    items, fp = list(range(3)), {"d": 1}
+
+    def crash_after_first(shard):
+        if shard != [0]:
+            raise RuntimeError("killed")
+        return _prompts(shard)
+
+    task0 = Workers(rank=0, size=2, gathers=False, name="array")
+    with pytest.raises(RuntimeError):  # task 0 wrote shard 0, then died before shard 2
+        run_sharded(items, 1, out, fp, crash_after_first, Prompt, workers=task0)
+    for task in (0, 1):  # the resubmitted array: task 0 computes shard 2, task 1 shard 1
+        run_sharded(items, 1, out, fp, _prompts, Prompt,
+                    workers=Workers(rank=task, size=2, gathers=False, name="array"))
+    records, reused = run_sharded(items, 1, out, fp, _prompts, Prompt, workers=GATHER_ONLY)
+    assert [p.prompt_id for p in records] == ["p0", "p1", "p2"] and reused == 1
