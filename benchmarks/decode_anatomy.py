@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -81,7 +80,8 @@ def text_rows(tokenizer: Any, vocab: int) -> torch.Tensor:
 
 def ours(model: Any, cfg: Any, dtype: str, tokens: torch.Tensor, repeats: int) -> dict[str, float]:
     from megatron_selfreward.generation import megatron_engine as me
-    from megatron_selfreward.generation.megatron_engine import KVCache, MegatronEngine, sample_tokens
+    from megatron_selfreward.generation.megatron_engine import KVCache, MegatronEngine
+    from megatron_selfreward.generation.sampling import sample_tokens
 
     runner = MegatronEngine(model, cfg, tokenizer=None, max_batch_size=ROWS, dtype=dtype).runner
     gen = torch.Generator().manual_seed(0)

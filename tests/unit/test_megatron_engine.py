@@ -16,9 +16,11 @@ import pytest
 import torch
 
 import megatron_selfreward.generation.megatron_engine as engine_mod
+import megatron_selfreward.generation.sampling as sampling_mod
 from megatron_selfreward.config import load_config
 from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams, sample_seed
-from megatron_selfreward.generation.megatron_engine import MegatronEngine, MegatronRunner, sample_tokens
+from megatron_selfreward.generation.megatron_engine import MegatronEngine, MegatronRunner
+from megatron_selfreward.generation.sampling import sample_tokens
 from megatron_selfreward.generation.packed_linear import packing_supported
 from megatron_selfreward.megatron.model import build_model
 from megatron_selfreward.megatron.parallel import single_process_world
@@ -365,11 +367,11 @@ def test_head_sampling_equals_full_sort(monkeypatch) -> None:
     top_p = torch.tensor([0.9, 1.0, 0.5, 0.95] * (rows // 4))
     uniform = torch.rand(rows, generator=gen, dtype=torch.float64)
     widths: list[int] = []
-    head = engine_mod._sample_head
-    monkeypatch.setattr(engine_mod, "_sample_head", lambda *a: widths.append(a[-1]) or head(*a))
+    head = sampling_mod._sample_head
+    monkeypatch.setattr(sampling_mod, "_sample_head", lambda *a: widths.append(a[-1]) or head(*a))
     fast, _ = sample_tokens(peaked, temperature, top_k, top_p, uniform)
     assert widths == [64, 512, 2000], "rows resolved at each width: peaked, top-k 300, flat"
-    monkeypatch.setattr(engine_mod, "SAMPLING_HEAD_WIDTHS", ())  # full sort for every row
+    monkeypatch.setattr(sampling_mod, "SAMPLING_HEAD_WIDTHS", ())  # full sort for every row
     full, _ = sample_tokens(peaked, temperature, top_k, top_p, uniform)
     assert torch.equal(fast, full)
 
