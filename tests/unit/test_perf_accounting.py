@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 
 import pytest
@@ -23,12 +24,15 @@ def test_device_names_map_to_datasheet_peaks(name, key):
 
 
 def test_peak_memory_sees_an_allocation_inside_the_block():
+    size = 64 * 2**20
     before = rss_bytes(include_children=True)
     with PeakMemory(interval_s=0.01) as meter:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        block += 1
+        # Fresh anonymous pages, not malloc's: a free pool left by earlier code in this process
+        # (some libraries keep freed memory mapped) could otherwise hide the allocation.
+        block = mmap.mmap(-1, size)
+        block.write(b"\x01" * size)  # touch every page
         time.sleep(0.2)  # alive across many samples
-        del block
+        block.close()
     after = rss_bytes(include_children=True)
     peak = meter.result()["peak_rss_bytes"]
     # Like with like: the meter and rss_bytes both count this process plus its live children.
