@@ -159,4 +159,3 @@ class GenerationEngine(abc.ABC):
         text = self.tokenizer.decode(ids)
         cuts = [text.find(s) for s in params.stop_strings if s in text]
         return text[: min(cuts)] if cuts else text
-

@@ -169,7 +169,7 @@ def run_sharded(items: Sequence[T], shard_size: int, out: Path, fp: dict[str, An
     workers.barrier()
     reused = len(done_before)
     if not workers.computes:  # a gather job: the array tasks' own files say what they computed
-        computed_by = [_read_json(p).get("shards_computed", 0) for p in directory.glob("worker_*.json")]
+        computed_by = [w.get("shards_computed", 0) for w in worker_stats(out)]
         reused = max(0, total - sum(n for n in computed_by if isinstance(n, int)))
     if not workers.gathers:
         return None, reused

@@ -7,6 +7,7 @@ on the whole sequence at each step. The SmolLM2 test checks the real model again
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -295,6 +296,20 @@ def test_packed_decode_step_equals_unpacked(tiny, dtype: torch.dtype) -> None:
             torch.testing.assert_close(a, b, atol=tol * 10, rtol=tol)
 
 
+@contextlib.contextmanager
+def fc2_weight_changed_in_place(model) -> Iterator[None]:
+    """Layer 0's fc2 weight times -3 in place (as an optimizer step changes it), restored after."""
+    weight = model.decoder.layers[0].mlp.linear_fc2.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(-3.0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
 def test_packed_weights_follow_in_place_updates(tiny) -> None:
     """Same-dtype direct path: packed copies are re-packed when a parameter changes in place
     (the trainer's optimizer step), so the engine decodes the current weights."""
@@ -302,18 +317,11 @@ def test_packed_weights_follow_in_place_updates(tiny) -> None:
     prompts = prompts_with_shared_head([4, 7], seed=12)
     engine = MegatronEngine(model, cfg)
     before = engine.generate(requests_for(prompts, greedy(6)))
-    weight = model.decoder.layers[0].mlp.linear_fc2.weight
-    saved = weight.detach().clone()
-    with torch.no_grad():
-        weight.mul_(-3.0)
-    try:
+    with fc2_weight_changed_in_place(model):
         changed = engine.generate(requests_for(prompts, greedy(6)))
         expected = [recompute_greedy(model, p, 6)[0] for p in prompts]
         assert [r.samples[0].token_ids for r in changed] == expected
         assert [r.samples for r in changed] != [r.samples for r in before]
-    finally:
-        with torch.no_grad():
-            weight.copy_(saved)
     again = engine.generate(requests_for(prompts, greedy(6)))
     assert [r.samples for r in again] == [r.samples for r in before]
 
@@ -324,19 +332,12 @@ def test_bfloat16_copy_and_load_weights_refresh(tiny) -> None:
     engine = MegatronEngine(model, cfg, dtype="bfloat16")
     first = engine.generate(requests_for(prompts, greedy(6)))
     assert all(len(r.samples[0].token_ids) == 6 for r in first)
-    weight = model.decoder.layers[0].mlp.linear_fc2.weight
-    saved = weight.detach().clone()
-    with torch.no_grad():
-        weight.mul_(-3.0)
-    try:
+    with fc2_weight_changed_in_place(model):
         stale = engine.generate(requests_for(prompts, greedy(6)))
         assert [r.samples for r in stale] == [r.samples for r in first], "bf16 copy is a snapshot"
         engine.load_weights(model)
         fresh = engine.generate(requests_for(prompts, greedy(6)))
         assert [r.samples for r in fresh] != [r.samples for r in first]
-    finally:
-        with torch.no_grad():
-            weight.copy_(saved)
 
 
 # ---------------------------------------------------------------------------------------------
