@@ -184,6 +184,10 @@ class GenerationConfig:
     top_k: int = 0
     max_new_tokens: int = 256
     batch_size: int = 8
+    # The Megatron engine's C++ decode-step kernels on CPUs (kernels/decode_cpu.cpp, built on
+    # first use): auto = use them when they build, else plain torch with a warning; on = fail
+    # when they cannot be built; off = plain torch ops.
+    cpu_kernels: Literal["auto", "on", "off"] = "auto"
     prompts: PromptGenConfig = field(default_factory=PromptGenConfig)
 
 
@@ -306,6 +310,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key + ".")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} & set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in choices:
             raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
         return value

@@ -57,6 +57,18 @@ def test_dotted_overrides_are_typed():
     assert cfg.generation.prompts.num_prompts == 7
 
 
+def test_bare_on_off_in_yaml_reach_on_off_choices(tmp_path: Path):
+    """YAML 1.1 reads a bare `off` as false: a choice key that offers "on"/"off" still gets them."""
+    path = tmp_path / "kernels.yaml"
+    path.write_text("base: tiny.yaml\ngeneration:\n  cpu_kernels: off\ntrain:\n  logprob_kernel: off\n")
+    (tmp_path / "tiny.yaml").write_text((CONFIGS / "tiny.yaml").read_text())
+    cfg = load_config(path)
+    assert cfg.generation.cpu_kernels == "off" and cfg.train.logprob_kernel == "off"
+    assert load_config(CONFIGS / "tiny.yaml", ["generation.cpu_kernels=on"]).generation.cpu_kernels == "on"
+    with pytest.raises(ConfigError, match="generation.cpu_kernels"):
+        load_config(CONFIGS / "tiny.yaml", ["generation.cpu_kernels=yes please"])
+
+
 @pytest.mark.parametrize(
     "overrides, key",
     [
@@ -65,6 +77,7 @@ def test_dotted_overrides_are_typed():
         (["sft.global_batch_size=1.5"], "sft.global_batch_size"),
         (["parallel.sequence_parallel=yes please"], "parallel.sequence_parallel"),
         (["generation.engine=vllm"], "generation.engine"),
+        (["generation.cpu_kernels=fast"], "generation.cpu_kernels"),
         (["model.hidden_size=65"], "model.num_attention_heads"),
         (["parallel.tensor_model_parallel_size=8"], "parallel.tensor_model_parallel_size"),
         (["parallel.tensor_model_parallel_size=3"], "parallel.tensor_model_parallel_size"),

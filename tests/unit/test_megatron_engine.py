@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import megatron_selfreward.generation.megatron_engine as engine_mod
+import megatron_selfreward.generation.runner as runner_mod
 import megatron_selfreward.generation.sampling as sampling_mod
 from megatron_selfreward.config import load_config
 from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams, sample_seed
@@ -25,6 +26,7 @@ from megatron_selfreward.generation.sampling import sample_tokens
 from megatron_selfreward.generation.packed_linear import packing_supported
 from megatron_selfreward.megatron.model import build_model
 from megatron_selfreward.megatron.parallel import single_process_world
+from kernels import decode_cpu
 from tests.conftest import CONFIGS
 
 VOCAB = 512
@@ -68,13 +70,14 @@ def requests_for(prompts: list[list[int]], params: SamplingParams) -> list[Gener
     return [GenerationRequest(f"r{i}", p, params) for i, p in enumerate(prompts)]
 
 
-@pytest.mark.parametrize("path", ["direct", "direct_unpacked", "modules"])
+@pytest.mark.parametrize("path", ["direct", "direct_torch", "direct_unpacked", "modules"])
 def test_greedy_equals_full_recompute(tiny, path: str) -> None:
     cfg, model = tiny
     prompts = prompts_with_shared_head([3, 9, 1, 14]) + [torch.arange(5, 12).tolist()]
-    engine = MegatronEngine(model, cfg)
+    engine = MegatronEngine(model, cfg, cpu_kernels="off" if path == "direct_torch" else "on")
     assert engine.runner.direct is not None, "the tiny model is plain Llama: direct path"
     assert engine.runner.pack == packing_supported(torch.float32, torch.device("cpu"))
+    assert engine.runner.kernels == (path != "direct_torch"), "decode steps on the C++ kernels"
     if path == "direct_unpacked":
         engine.runner = MegatronRunner(model, cfg.model.vocab_size, pack=False)  # F.linear GEMMs
     if path == "modules":
@@ -120,26 +123,59 @@ def test_prefix_reuse_changes_nothing_but_work(tiny) -> None:
     assert stats[True]["prefill_saved_fraction"] > 0.8
 
 
-@pytest.mark.parametrize("path", ["direct", "modules"])
+def test_cpu_kernels_that_cannot_build(tiny, monkeypatch) -> None:
+    """auto: the plain torch path (same tokens); on: a clear error saying what to install."""
+    cfg, model = tiny
+    prompts = prompts_with_shared_head([3, 6])
+    reference = MegatronEngine(model, cfg, cpu_kernels="on").generate(requests_for(prompts, greedy(6)))
+    monkeypatch.setattr(decode_cpu, "_state", {"loaded": False, "error": "c++: not found"})
+    engine = MegatronEngine(model, cfg)  # generation.cpu_kernels defaults to auto
+    assert not engine.runner.kernels
+    results = engine.generate(requests_for(prompts, greedy(6)))
+    assert [r.samples[0].token_ids for r in results] == [r.samples[0].token_ids for r in reference]
+    with pytest.raises(RuntimeError, match="c\\+\\+: not found.*apt-get install -y g\\+\\+"):
+        MegatronEngine(model, cfg, cpu_kernels="on")
+    with pytest.raises(ValueError, match="cpu_kernels: on needs plain Llama"):
+        MegatronEngine(model, cfg, dtype="float16", cpu_kernels="on")
+
+
+@pytest.mark.parametrize("path", ["direct", "direct_torch", "modules"])
 def test_shared_prefix_attention_equals_copied_prefix(tiny, monkeypatch, path: str) -> None:
     """A long shared prefix stays in one cache row (attention split at the prefix and merged by
-    log-sum-exp): same greedy tokens as the full recompute, same as copying it into every row,
-    through prefill chunks, n > 1 row copies and compaction of finished rows."""
+    log-sum-exp in torch, one pass over prefix and own columns in the C++ kernel): same greedy
+    tokens as the full recompute, same as copying it into every row, through prefill chunks,
+    n > 1 row copies and compaction of finished rows."""
     cfg, model = tiny
     prompts = prompts_with_shared_head([4, 8, 2, 6], head=40, seed=13)
     params = dataclasses.replace(greedy(8), n=2)
-    outputs, calls = {}, []
+    outputs, calls, kernel_calls = {}, [], []
     split_attention = MegatronRunner._attend_with_prefix
     monkeypatch.setattr(MegatronRunner, "_attend_with_prefix",
                         lambda self, *a: calls.append(1) or split_attention(self, *a))
+    kernel = decode_cpu.decode_attention
+    monkeypatch.setattr(decode_cpu, "decode_attention",
+                        lambda *a: kernel_calls.append(a[8]) or kernel(*a))  # a[8]: prefix_len
     for min_tokens in (10**9, 1):  # copied into rows / kept in one row
         monkeypatch.setattr(engine_mod, "SHARED_PREFIX_ATTENTION_MIN_TOKENS", min_tokens)
-        monkeypatch.setattr(engine_mod, "PREFILL_CHUNK_TOKENS", 3)  # suffix prefill in chunks
-        engine = MegatronEngine(model, cfg, eos_token_ids=[7])  # some rows finish early
+        monkeypatch.setattr(runner_mod, "PREFILL_CHUNK_TOKENS", 3)  # suffix prefill in chunks
+        kernel_calls.clear()
+        engine = MegatronEngine(model, cfg, eos_token_ids=[7],  # some rows finish early
+                                cpu_kernels="on" if path == "direct" else "off")
         if path == "modules":
             engine.runner.direct = None
         outputs[min_tokens] = engine.generate(requests_for(prompts, params))
-    assert len(calls) == cfg.model.num_layers * (3 + engine.stats["decode_steps"]), "3 suffix chunks + decode"
+    steps = engine.stats["decode_steps"]
+    if path == "direct":
+        # One-token steps (decode, and a prefill chunk of one column) run in the kernel,
+        # longer prefill chunks in torch's split attention.
+        assert len(calls) <= cfg.model.num_layers * 3
+        assert len(kernel_calls) >= cfg.model.num_layers * steps
+        # Micro-batches of several prompts attend the 40-token prefix; one of a single prompt
+        # (its n samples) has no prefix to share.
+        assert 40 in kernel_calls and set(kernel_calls) <= {0, 40}
+    else:
+        assert len(calls) == cfg.model.num_layers * (3 + steps), "3 suffix chunks + decode"
+        assert not kernel_calls
     for prompt, split, copied in zip(prompts, outputs[1], outputs[10**9]):
         expected = recompute_greedy(model, prompt, 8)[0]
         cut = expected.index(7) + 1 if 7 in expected else len(expected)
