@@ -6,6 +6,8 @@ fp32 and bf16, timed as a whole and taken apart:
   ours, step              MegatronRunner.forward (the engine's decode step, logits included)
   ours, weight GEMMs only the same step's GEMMs alone (every layer's packed linears + the head)
   ours, without X         the step with one part replaced by a no-op (attention, RMSNorm)
+  (each of these twice: the step's non-GEMM ops as torch ops, and as the C++ kernels of
+  kernels/decode_cpu.cpp, generation.cpu_kernels off / on)
   ours, sampling          sample_tokens (T=0.7, top-p 0.9) on the step's logits
   transformers step       LlamaForCausalLM forward with a 100-token DynamicCache, same rows
   transformers sampling   its temperature + top-p warpers and multinomial, as generate runs them
@@ -41,6 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "decode_anatomy.json"
 ROWS, CACHED = 16, 100
+# generation.cpu_kernels -> how the table names the decode step's non-GEMM ops.
+PATHS = {"off": "torch ops", "on": "C++ kernels"}
 
 
 def timed_ms(step: Callable[[], Any], repeats: int) -> float:
@@ -78,12 +82,15 @@ def text_rows(tokenizer: Any, vocab: int) -> torch.Tensor:
     return torch.tensor([ids[k * step : k * step + CACHED + 1] for k in range(ROWS)])
 
 
-def ours(model: Any, cfg: Any, dtype: str, tokens: torch.Tensor, repeats: int) -> dict[str, float]:
-    from megatron_selfreward.generation import megatron_engine as me
+def ours(model: Any, cfg: Any, dtype: str, tokens: torch.Tensor, repeats: int,
+         kernels: str) -> dict[str, float]:
+    from kernels import decode_cpu
+    from megatron_selfreward.generation import runner as runner_mod
     from megatron_selfreward.generation.megatron_engine import KVCache, MegatronEngine
     from megatron_selfreward.generation.sampling import sample_tokens
 
-    runner = MegatronEngine(model, cfg, tokenizer=None, max_batch_size=ROWS, dtype=dtype).runner
+    runner = MegatronEngine(model, cfg, tokenizer=None, max_batch_size=ROWS, dtype=dtype,
+                            cpu_kernels=kernels).runner
     gen = torch.Generator().manual_seed(0)
     positions = torch.arange(CACHED + 1).expand(ROWS, -1)
     valid = torch.ones(ROWS, CACHED + 1, dtype=torch.bool)
@@ -124,9 +131,18 @@ def ours(model: Any, cfg: Any, dtype: str, tokens: torch.Tensor, repeats: int) -
         def no_attention(index, query, key, value, mask, cache, start):
             return query.flatten(2)
 
-        with replaced(runner, "_attend", no_attention):
+        def no_attention_kernel(qkv, *args):
+            return qkv[:, :, :-2].reshape(qkv.shape[0], -1)
+
+        if runner.kernels:
+            attention = replaced(decode_cpu, "decode_attention", no_attention_kernel)
+            norm = replaced(decode_cpu, "rms_norm", lambda x, *a: x)
+        else:
+            attention = replaced(runner, "_attend", no_attention)
+            norm = replaced(runner_mod.F, "rms_norm", lambda x, *a, **k: x)
+        with attention:
             out["without_attention_ms"] = timed_ms(step, repeats)
-        with replaced(me.F, "rms_norm", lambda x, *a, **k: x):
+        with norm:
             out["without_rmsnorm_ms"] = timed_ms(step, repeats)
     return out
 
@@ -161,6 +177,12 @@ def transformers_step(hf_dir: Path, dtype: str, tokens: torch.Tensor, repeats: i
     return out
 
 
+def norm_cell(path: str, ours_row: dict[str, float]) -> str:
+    """The kernel's RMSNorm costs ~5 us a call; replacing it by a no-op lets activations grow
+    unnormalised through 30 layers, which slows the other ops more than the norm costs."""
+    return "-" if path == PATHS["on"] else f"{ours_row['without_rmsnorm_ms']:.1f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Decode step anatomy: MegatronEngine vs transformers",
@@ -173,21 +195,22 @@ def markdown(report: dict[str, Any]) -> str:
         f"- one decode step: {ROWS} rows x 1 new token after {CACHED} cached tokens, SmolLM2-135M; "
         "median ms of the repeats",
         "",
-        "| dtype | ours: step | ours: weight GEMMs only | ours: rest of the step | without attention | "
+        "| dtype | ours: decode-step ops | ours: step | ours: weight GEMMs only | ours: rest of the step | without attention | "
         "without RMSNorm | ours: sampling | transformers: step | transformers: sampling "
         "| transformers / ours (step + sampling) | ceiling: transformers / (our weight GEMMs + sampling) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dtype, row in report["dtypes"].items():
-        o, h = row["ours"], row["transformers"]
+        h = row["transformers"]
         theirs = h["step_ms"] + h["sampling_ms"]
-        lines.append(
-            f"| {dtype} | {o['full_step_ms']:.1f} | {o['weight_gemms_ms']:.1f} | "
-            f"{o['full_step_ms'] - o['weight_gemms_ms']:.1f} | {o['without_attention_ms']:.1f} | "
-            f"{o['without_rmsnorm_ms']:.1f} | {o['sampling_ms']:.1f} | "
-            f"{h['step_ms']:.1f} | {h['sampling_ms']:.1f} | "
-            f"{theirs / (o['full_step_ms'] + o['sampling_ms']):.2f}x | "
-            f"{theirs / (o['weight_gemms_ms'] + o['sampling_ms']):.2f}x |")
+        for path, o in row["ours"].items():
+            lines.append(
+                f"| {dtype} | {path} | {o['full_step_ms']:.1f} | {o['weight_gemms_ms']:.1f} | "
+                f"{o['full_step_ms'] - o['weight_gemms_ms']:.1f} | {o['without_attention_ms']:.1f} | "
+                f"{norm_cell(path, o)} | {o['sampling_ms']:.1f} | "
+                f"{h['step_ms']:.1f} | {h['sampling_ms']:.1f} | "
+                f"{theirs / (o['full_step_ms'] + o['sampling_ms']):.2f}x | "
+                f"{theirs / (o['weight_gemms_ms'] + o['sampling_ms']):.2f}x |")
     lines += [
         "",
         "A step includes the logits; sampling is T=0.7, top-p 0.9 on those logits (ours: top-p over the "
@@ -196,7 +219,9 @@ def markdown(report: dict[str, Any]) -> str:
         "the judge prompt, so the logits have the trained model's shape. "
         "'without X' replaces that part of our step by a no-op: the difference to the full step is what "
         "the part costs inside a real step, where it runs between the GEMMs (more than the same op "
-        "timed alone). The ceiling column is the speedup an engine whose decode step were nothing but "
+        "timed alone). For the C++ kernels 'without RMSNorm' is left out: the kernel costs about 5 us "
+        "a call (0.3 ms a step), and the no-op step was slower than the real one (unnormalised "
+        "activations grow through 30 layers; the value is in the JSON). The ceiling column is the speedup an engine whose decode step were nothing but "
         "these weight GEMMs and our sampling would reach against transformers: the weights are read "
         "once per step in either engine, at the memory bandwidth of the machine.",
     ]
@@ -233,8 +258,9 @@ def main() -> None:
             load_hf_into_model(model, hf_dir, cfg)
             model.eval()
             for dtype in args.dtypes.split(","):
-                rows[dtype] = {"ours": ours(model, cfg, dtype, tokens, args.repeats),
-                               "transformers": transformers_step(hf_dir, dtype, tokens, args.repeats)}
+                rows[dtype] = {
+                    "ours": {PATHS[k]: ours(model, cfg, dtype, tokens, args.repeats, k) for k in PATHS},
+                    "transformers": transformers_step(hf_dir, dtype, tokens, args.repeats)}
                 print(dtype, json.dumps(rows[dtype]), flush=True)
     info = machine_info()
     report = {

@@ -417,6 +417,10 @@ def markdown(report: dict[str, Any]) -> str:
         "out the weight every call.",
         "- The decode step runs the layers from the Megatron module's own tensors, outside Python "
         "module wrappers and torch-function modes (the CPU compat mode costs microseconds per op).",
+        "- Between the GEMMs a layer makes three C++ kernel calls (kernels/decode_cpu.cpp): RMSNorm "
+        "twice, and RoPE + cache write + GQA attention (over the shared prefix and the row's own "
+        "columns) in one; transformers runs some 15 torch ops there, each a dispatch and a parallel "
+        "region over a few kilobytes (decode_anatomy.md takes a step apart).",
         "- Sampling: top-p over the 64 largest logits (wider only for the rare rows whose nucleus is "
         "larger); transformers sorts the whole 49k vocabulary every step (~45 ms for 16 rows on one core).",
         "- Prefill once per distinct prompt and once for the shared prefix (the judge rubric: attention "

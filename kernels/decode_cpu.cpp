@@ -20,6 +20,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -122,6 +123,45 @@ inline vfloat sum_lanes16(vfloat* p) {
   return __builtin_shuffle(x[0], x[1], lo1) + __builtin_shuffle(x[0], x[1], hi1);
 }
 
+// exp(x) for x <= 0 (softmax after subtracting the max; -inf gives 0): Cephes' expf
+// polynomial after x = n ln2 + r, |r| <= ln2 / 2 (relative error about 2e-7).
+inline vfloat exp_nonpositive(vfloat x) {
+  const vfloat lowest = vfloat{} - 87.0f;
+  x = x < lowest ? lowest : x;
+  const vfloat t = x * 1.44269504088896341f + 0.5f;
+  vint n = __builtin_convertvector(t, vint);           // truncates toward zero
+  n += reinterpret_cast<vint>(__builtin_convertvector(n, vfloat) > t);  // -1 where that was up: floor
+  const vfloat nf = __builtin_convertvector(n, vfloat);
+  const vfloat r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vfloat p = vfloat{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vfloat y = p * r * r + r + 1.0f;
+  return y * reinterpret_cast<vfloat>((n + 127) << 23);
+}
+
+// scores[j] = exp(scores[j] - max); returns the sum (the softmax denominator).
+inline float softmax_unnormalised(float* scores, int64_t n) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, scores[j]);
+  vfloat sum = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vfloat e = exp_nonpositive(load_v(scores + j) - top);
+    store_v(scores + j, e);
+    sum += e;
+  }
+  float total = sum_lanes(sum);
+  for (; j < n; ++j) {
+    scores[j] = std::exp(scores[j] - top);
+    total += scores[j];
+  }
+  return total;
+}
+
 // A run of cache columns one row attends: keys/values [count, dim]; valid = null: all of them,
 // else column j is attended if valid[j] or j == count - 1 (the row's own new column).
 template <typename T>
@@ -133,62 +173,105 @@ struct Segment {
   bool attended(int64_t j) const { return valid == nullptr || valid[j] || j == count - 1; }
 };
 
-// scores[h * stride + j] = q_h . key_j for the segment's columns (-inf where not attended).
-// V = head_dim / 16 known at compile time (blocks of 16 columns, reduced by sum_lanes16), or 0.
+// Heads [h0, h0 + H) of one KV group against 16-column blocks of a segment: the H queries stay
+// in registers, each key is converted to fp32 once, and the 16 dot products of a head are
+// reduced together (sum_lanes16). scores[h * stride + j] = q_h . key_j, -inf where not attended.
+template <typename T, int64_t V, int64_t H>
+void score_heads(const float* q, const Segment<T>& seg, float* scores, int64_t stride) {
+  constexpr float kMasked = -std::numeric_limits<float>::infinity();
+  vfloat query[H][V];
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t v = 0; v < V; ++v) query[h][v] = load_v(q + (h * V + v) * kLanes);
+  vfloat part[H][kLanes];
+  for (int64_t b0 = 0; b0 < seg.count; b0 += kLanes) {
+    const int64_t cnt = std::min(kLanes, seg.count - b0);
+    for (int64_t c = 0; c < cnt; ++c) {
+      vfloat key[V];
+      for (int64_t v = 0; v < V; ++v) key[v] = load_f(seg.keys + ((b0 + c) * V + v) * kLanes);
+      for (int64_t h = 0; h < H; ++h) {
+        vfloat acc = query[h][0] * key[0];
+        for (int64_t v = 1; v < V; ++v) acc += query[h][v] * key[v];
+        part[h][c] = acc;
+      }
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t c = cnt; c < kLanes; ++c) part[h][c] = vfloat{};
+      const vfloat sums = sum_lanes16(part[h]);
+      float* out = scores + h * stride + b0;
+      for (int64_t c = 0; c < cnt; ++c) out[c] = seg.attended(b0 + c) ? sums[c] : kMasked;
+    }
+  }
+}
+
+// acc[h] += weights[h * stride + j] * value_j over the segment's attended columns for heads
+// [0, H), the accumulators in registers. Columns not attended are skipped, not multiplied by 0:
+// an unwritten cache column may hold NaN.
+template <typename T, int64_t V, int64_t H>
+void accumulate_heads(const float* weights, const Segment<T>& seg, int64_t stride, float* acc) {
+  vfloat sum[H][V];
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t v = 0; v < V; ++v) sum[h][v] = vfloat{};
+  for (int64_t j = 0; j < seg.count; ++j) {
+    if (!seg.attended(j)) continue;
+    vfloat value[V];
+    for (int64_t v = 0; v < V; ++v) value[v] = load_f(seg.values + (j * V + v) * kLanes);
+    for (int64_t h = 0; h < H; ++h) {
+      const float w = weights[h * stride + j];
+      for (int64_t v = 0; v < V; ++v) sum[h][v] += w * value[v];
+    }
+  }
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t v = 0; v < V; ++v) {
+      float* a = acc + (h * V + v) * kLanes;
+      store_v(a, load_v(a) + sum[h][v]);
+    }
+}
+
+// Heads in blocks of up to 4 (a block's queries or accumulators fill 4 * V registers).
+template <int64_t V, typename Block>
+void for_head_blocks(int64_t per_group, Block&& block) {
+  for (int64_t h0 = 0; h0 < per_group;) {
+    switch (std::min<int64_t>(4, per_group - h0)) {
+      case 4: block(h0, std::integral_constant<int64_t, 4>{}); h0 += 4; break;
+      case 3: block(h0, std::integral_constant<int64_t, 3>{}); h0 += 3; break;
+      case 2: block(h0, std::integral_constant<int64_t, 2>{}); h0 += 2; break;
+      default: block(h0, std::integral_constant<int64_t, 1>{}); h0 += 1; break;
+    }
+  }
+}
+
+// Every head of the group against a segment: V = head_dim / 16 at compile time (the blocked
+// code above), or 0 for any head size (plain loops).
 template <typename T, int64_t V>
 void score_segment(const float* q, int64_t per_group, int64_t dim, const Segment<T>& seg,
                    float* scores, int64_t stride, float* row) {
-  constexpr float kMasked = -std::numeric_limits<float>::infinity();
   if constexpr (V == 0) {
+    constexpr float kMasked = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < seg.count; ++j) {
       to_float(seg.keys + j * dim, row, dim);
       for (int64_t h = 0; h < per_group; ++h)
         scores[h * stride + j] = seg.attended(j) ? dot(q + h * dim, row, dim) : kMasked;
     }
   } else {
-    vfloat part[kLanes];
-    for (int64_t b0 = 0; b0 < seg.count; b0 += kLanes) {
-      const int64_t cnt = std::min(kLanes, seg.count - b0);
-      for (int64_t h = 0; h < per_group; ++h) {
-        const float* qh = q + h * V * kLanes;
-        for (int64_t c = 0; c < cnt; ++c) {
-          const T* k = seg.keys + (b0 + c) * V * kLanes;
-          vfloat acc0 = {}, acc1 = {};
-          for (int64_t v = 0; v + 1 < V; v += 2) {
-            acc0 += load_v(qh + v * kLanes) * load_f(k + v * kLanes);
-            acc1 += load_v(qh + (v + 1) * kLanes) * load_f(k + (v + 1) * kLanes);
-          }
-          if (V % 2) acc0 += load_v(qh + (V - 1) * kLanes) * load_f(k + (V - 1) * kLanes);
-          part[c] = acc0 + acc1;
-        }
-        for (int64_t c = cnt; c < kLanes; ++c) part[c] = vfloat{};
-        const vfloat sums = sum_lanes16(part);
-        for (int64_t c = 0; c < cnt; ++c)
-          scores[h * stride + b0 + c] = seg.attended(b0 + c) ? sums[c] : kMasked;
-      }
-    }
+    for_head_blocks<V>(per_group, [&](int64_t h0, auto heads) {
+      score_heads<T, V, decltype(heads)::value>(q + h0 * dim, seg, scores + h0 * stride, stride);
+    });
   }
 }
 
-// acc[h] += weights[h * stride + j] * value_j over the segment's attended columns (the others
-// are skipped, not multiplied by 0: an unwritten cache column may hold NaN).
 template <typename T, int64_t V>
 void accumulate_segment(const float* weights, int64_t per_group, int64_t dim,
                         const Segment<T>& seg, int64_t stride, float* acc, float* row) {
-  for (int64_t j = 0; j < seg.count; ++j) {
-    if (!seg.attended(j)) continue;
-    if constexpr (V == 0) {
+  if constexpr (V == 0) {
+    for (int64_t j = 0; j < seg.count; ++j) {
+      if (!seg.attended(j)) continue;
       to_float(seg.values + j * dim, row, dim);
       for (int64_t h = 0; h < per_group; ++h) axpy(weights[h * stride + j], row, acc + h * dim, dim);
-    } else {
-      vfloat value[V];
-      for (int64_t v = 0; v < V; ++v) value[v] = load_f(seg.values + j * dim + v * kLanes);
-      for (int64_t h = 0; h < per_group; ++h) {
-        const float w = weights[h * stride + j];
-        float* a = acc + h * dim;
-        for (int64_t v = 0; v < V; ++v) store_v(a + v * kLanes, load_v(a + v * kLanes) + w * value[v]);
-      }
     }
+  } else {
+    for_head_blocks<V>(per_group, [&](int64_t h0, auto heads) {
+      accumulate_heads<T, V, decltype(heads)::value>(weights + h0 * stride, seg, stride, acc + h0 * dim);
+    });
   }
 }
 
@@ -238,17 +321,7 @@ void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const a
       if (prefix_len) score_segment<T, V>(q.data(), per_group, dim, shared, scores.data(), n, row.data());
       score_segment<T, V>(q.data(), per_group, dim, mine, scores.data() + prefix_len, n, row.data());
       std::vector<float> total(per_group);
-      for (int64_t h = 0; h < per_group; ++h) {
-        float* sc = scores.data() + h * n;
-        float top = sc[n - 1];  // the own column: always attended, finite
-        for (int64_t j = 0; j < n; ++j) top = std::max(top, sc[j]);
-        float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) {
-          sc[j] = std::exp(sc[j] - top);
-          sum += sc[j];
-        }
-        total[h] = sum;
-      }
+      for (int64_t h = 0; h < per_group; ++h) total[h] = softmax_unnormalised(scores.data() + h * n, n);
       std::fill(acc.begin(), acc.end(), 0.f);
       if (prefix_len) accumulate_segment<T, V>(scores.data(), per_group, dim, shared, n, acc.data(), row.data());
       accumulate_segment<T, V>(scores.data() + prefix_len, per_group, dim, mine, n, acc.data(), row.data());

@@ -191,7 +191,9 @@ class MegatronRunner:
     On CPUs the direct path's decode GEMMs run on oneDNN-packed copies of the weights
     (packed_linear.py; `pack=False` turns that off) and its ops run outside torch-function
     modes (cpu_compat's CUDA->CPU redirect costs microseconds per op and nothing here needs it).
-    When `dtype` is the model's, the direct path follows training updates: it holds views of
+    `kernels` ("auto", "on", "off": generation.cpu_kernels): decode steps of the direct path on
+    a CPU in fp32/bf16 run RoPE + cache write + attention and the RMSNorms as the C++ ops of
+    kernels/decode_cpu.cpp (one call each per layer). When `dtype` is the model's, the direct path follows training updates: it holds views of
     the parameters and `refresh()` re-packs once a parameter changed. A cast copy (another
     dtype) is a snapshot, refreshed by `MegatronEngine.load_weights`.
     """

@@ -64,6 +64,7 @@ def case(dtype: torch.dtype, dim: int, rot: int, per_group: int, prefix: int, st
         (64, 64, 3, 0, 41),  # SmolLM2's heads: the register-blocked path
         (64, 32, 1, 37, 60),  # partial rotary, MHA, a shared prefix
         (128, 128, 2, 5, 5),  # first step after the prefix: own column only
+        (64, 64, 5, 0, 20),  # heads in blocks of 4 + 1
         (24, 24, 3, 19, 30),  # a head size without blocked code: the generic path
     ],
 )
