@@ -123,8 +123,9 @@ inline vfloat sum_lanes16(vfloat* p) {
   return __builtin_shuffle(x[0], x[1], lo1) + __builtin_shuffle(x[0], x[1], hi1);
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the max; -inf gives 0): Cephes' expf
-// polynomial after x = n ln2 + r, |r| <= ln2 / 2 (relative error about 2e-7).
+// exp(x) for x <= 0 (softmax after subtracting the max): Cephes' expf polynomial after
+// x = n ln2 + r, |r| <= ln2 / 2 (relative error about 2e-7). x is clamped at -87, so -inf (a
+// masked column) gives about 1e-38, nothing beside the max column's 1.
 inline vfloat exp_nonpositive(vfloat x) {
   const vfloat lowest = vfloat{} - 87.0f;
   x = x < lowest ? lowest : x;

@@ -9,7 +9,7 @@ computes, op for op, is in decode_cpu_ref.py):
   prefix held once for all rows), softmax and the sum of values - in one call, in fp32.
 - `rms_norm`: one pass per row in fp32 (torch's CPU rms_norm is five ops in bf16).
 
-The library is compiled with torch's extension builder (a C++ compiler and ninja; about 20 s
+The library is compiled with torch's extension builder (a C++ compiler and ninja; about 10 s
 on 2 cores, once per machine type: the build name hashes the source, the flags, the torch
 version and the CPU's instruction-set flags, because `-march=native` code from one node type may
 not run on another that shares the cache directory, TORCH_EXTENSIONS_DIR).

@@ -86,6 +86,20 @@ def test_decode_attention_equals_reference(dtype, dim, rot, per_group, prefix, s
                                    rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("scale", [4.0, 1e-3])
+def test_decode_attention_peaked_and_flat_scores(scale) -> None:
+    """Scores spread over hundreds (most exps underflow, the softmax nearly one-hot) or nearly
+    equal (a plain average): the vectorised exp and the sums hold in both."""
+    inputs = dict(case(torch.float32, 64, 64, 3, 21, 70, seed=5), scale=scale)
+    out = decode_cpu.decode_attention(*dict(inputs, keys=inputs["keys"].clone(),
+                                            values=inputs["values"].clone()).values())
+    expected = decode_attention_ref(*dict(inputs, keys=inputs["keys"].clone(),
+                                          values=inputs["values"].clone()).values())
+    # Scores of a few hundred carry fp32 rounding of ~1e-5 (summation order), which the softmax
+    # passes on to the weights.
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(16, 1, 576), (300, 96)])  # decode rows; enough rows to split
 def test_rms_norm_equals_reference_and_torch(dtype, shape) -> None:
