@@ -123,13 +123,16 @@ def test_prefix_reuse_changes_nothing_but_work(tiny) -> None:
     assert stats[True]["prefill_saved_fraction"] > 0.8
 
 
-def test_cpu_kernels_that_cannot_build(tiny, monkeypatch) -> None:
-    """auto: the plain torch path (same tokens); on: a clear error saying what to install."""
+def test_cpu_kernels_auto_and_when_they_cannot_build(tiny, monkeypatch) -> None:
+    """auto: the kernels when they build, else the plain torch path (same tokens); on: a clear
+    error saying what to install."""
     cfg, model = tiny
     prompts = prompts_with_shared_head([3, 6])
-    reference = MegatronEngine(model, cfg, cpu_kernels="on").generate(requests_for(prompts, greedy(6)))
+    built = MegatronEngine(model, cfg)  # generation.cpu_kernels defaults to auto
+    assert built.cpu_kernels == "auto" and built.runner.kernels, "auto uses the kernels that build"
+    reference = built.generate(requests_for(prompts, greedy(6)))
     monkeypatch.setattr(decode_cpu, "_state", {"loaded": False, "error": "c++: not found"})
-    engine = MegatronEngine(model, cfg)  # generation.cpu_kernels defaults to auto
+    engine = MegatronEngine(model, cfg)
     assert not engine.runner.kernels
     results = engine.generate(requests_for(prompts, greedy(6)))
     assert [r.samples[0].token_ids for r in results] == [r.samples[0].token_ids for r in reference]
