@@ -52,6 +52,7 @@ from megatron_selfreward.convert.llama_map import (
 )
 from megatron_selfreward.io import atomic_write_json, atomic_write_text
 from megatron_selfreward.megatron.checkpoint import MODEL_PREFIX
+from megatron_selfreward.megatron.parallel import serial_intra_op
 
 __all__ = [
     "ConversionError",
@@ -253,7 +254,8 @@ def _write_megatron(weights: HFWeights, cfg: Config, target: Path) -> None:
             full = produce(name)
             return full if geometry is None else full.as_strided(*geometry)
 
-        dist_checkpointing.save(layout, target, sharded_strategy=_streaming_strategy(resolve))
+        with serial_intra_op():
+            dist_checkpointing.save(layout, target, sharded_strategy=_streaming_strategy(resolve))
 
 
 def convert_hf_to_megatron(
@@ -335,8 +337,9 @@ class _LayerReader:
 
         try:
             # Only part of each stacked layer tensor is requested: skip the whole-model check.
-            loaded = dist_checkpointing.load(self._request(group), self.ckpt_dir,
-                                             validate_access_integrity=False)
+            with serial_intra_op():
+                loaded = dist_checkpointing.load(self._request(group), self.ckpt_dir,
+                                                 validate_access_integrity=False)
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - name the dir whatever it is
             raise ConversionError(f"{self.ckpt_dir}: cannot read {group!r}: {_unwrap(err)}") from err
         layer = _LAYER_KEY.match(group) is not None

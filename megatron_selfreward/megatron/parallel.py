@@ -175,6 +175,26 @@ def destroy_distributed() -> None:
 
 
 @contextlib.contextmanager
+def serial_intra_op() -> Iterator[None]:
+    """One intra-op thread for the duration (the count is restored after): for distributed
+    checkpoint saves and loads, and any other collective that moves large tensors.
+
+    gloo runs a collective's tensor copies on its own worker thread. With several intra-op
+    threads, OpenMP gives that thread a team of its own, and the process keeps the extra worker
+    for good. Measured on 2 cores, in one process after one checkpoint load or save: a
+    [16, 576] x [576, 1536] bf16 GEMM 69 -> 145 us, a SmolLM2 decode step 23 -> 37 ms, every
+    op until the process exits; another process on the same machine is unaffected. With one
+    intra-op thread the copies run inline and no extra worker appears.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def single_process_world(seed: int = 1234, backend: str = "gloo") -> Iterator[None]:
     """A 1-rank world (gloo, or "nccl" on GPU 0) with megatron's parallel state, for building
     models in-process.
