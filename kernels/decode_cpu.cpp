@@ -298,7 +298,7 @@ void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const a
 
   at::parallel_for(0, rows * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(per_group * dim), acc(per_group * dim), key(dim), row(dim);
-    std::vector<float> scores(per_group * n);
+    std::vector<float> scores(per_group * n), total(per_group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / groups, g = task % groups;
       const T* base = qkv_p + task * (per_group + 2) * dim;
@@ -321,7 +321,6 @@ void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const a
                             start + 1 - prefix_len, valid_p + r * max_len + prefix_len};
       if (prefix_len) score_segment<T, V>(q.data(), per_group, dim, shared, scores.data(), n, row.data());
       score_segment<T, V>(q.data(), per_group, dim, mine, scores.data() + prefix_len, n, row.data());
-      std::vector<float> total(per_group);
       for (int64_t h = 0; h < per_group; ++h) total[h] = softmax_unnormalised(scores.data() + h * n, n);
       std::fill(acc.begin(), acc.end(), 0.f);
       if (prefix_len) accumulate_segment<T, V>(scores.data(), per_group, dim, shared, n, acc.data(), row.data());

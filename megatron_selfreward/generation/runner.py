@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kernels import decode_cpu
 from megatron_selfreward.generation.packed_linear import PackedLinear, packing_supported
 
 # Bounds the [rows, heads, chunk, length] attention scores of a long prefill.
@@ -252,8 +253,6 @@ class MegatronRunner:
                     f"{'its direct path' if self.direct is not None else 'its Megatron modules'}. "
                     "Set generation.cpu_kernels: auto or off")
             return False
-        from kernels import decode_cpu
-
         return decode_cpu.load(required=mode == "on")
 
     def _build_direct(self) -> None:
@@ -418,8 +417,6 @@ class MegatronRunner:
         if self.direct is not None:
             with self._plain_torch():
                 if self.kernels and hidden.is_contiguous():  # direct path here
-                    from kernels import decode_cpu
-
                     normed = decode_cpu.rms_norm(hidden, self.final_norm_weight, self.final_norm_eps)
                 else:
                     normed = F.rms_norm(hidden, (hidden.shape[-1],), self.final_norm_weight,
@@ -462,8 +459,6 @@ class MegatronRunner:
         """One decode step of the direct path with the C++ kernels: per layer two GEMM calls
         for attention (QKV, projection + residual), three for the MLP, one kernel call each for
         the two RMSNorms and for RoPE + cache write + attention (kernels/decode_cpu.cpp)."""
-        from kernels import decode_cpu
-
         rows = hidden.shape[0]
         cos, sin = (t.reshape(rows, -1) for t in self._rope_fp32(positions))
         prefix = cache.prefix

@@ -57,6 +57,11 @@ def case(dtype: torch.dtype, dim: int, rot: int, per_group: int, prefix: int, st
                 start=start, scale=dim ** -0.5)
 
 
+def cloned(inputs: dict) -> dict:
+    """The same arguments with tensors copied (the op writes the cache in place)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "dim, rot, per_group, prefix, start",
@@ -70,8 +75,7 @@ def case(dtype: torch.dtype, dim: int, rot: int, per_group: int, prefix: int, st
 )
 def test_decode_attention_equals_reference(dtype, dim, rot, per_group, prefix, start) -> None:
     inputs = case(dtype, dim, rot, per_group, prefix, start)
-    ours = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    ref = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    ours, ref = cloned(inputs), cloned(inputs)
     out = decode_cpu.decode_attention(*ours.values())
     expected = decode_attention_ref(*ref.values())
     assert out.dtype == dtype and out.shape == expected.shape
@@ -91,10 +95,8 @@ def test_decode_attention_peaked_and_flat_scores(scale) -> None:
     """Scores spread over hundreds (most exps underflow, the softmax nearly one-hot) or nearly
     equal (a plain average): the vectorised exp and the sums hold in both."""
     inputs = dict(case(torch.float32, 64, 64, 3, 21, 70, seed=5), scale=scale)
-    out = decode_cpu.decode_attention(*dict(inputs, keys=inputs["keys"].clone(),
-                                            values=inputs["values"].clone()).values())
-    expected = decode_attention_ref(*dict(inputs, keys=inputs["keys"].clone(),
-                                          values=inputs["values"].clone()).values())
+    out = decode_cpu.decode_attention(*cloned(inputs).values())
+    expected = decode_attention_ref(*cloned(inputs).values())
     # Scores of a few hundred carry fp32 rounding of ~1e-5 (summation order), which the softmax
     # passes on to the weights.
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
