@@ -17,15 +17,14 @@ not run on another that shares the cache directory, TORCH_EXTENSIONS_DIR).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import platform
-import shutil
 import threading
 from pathlib import Path
 
 import torch
+
+from kernels.build import extension_name, ninja_on_path
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
@@ -52,24 +51,8 @@ def _cpu_signature() -> str:
 
 def build_name() -> str:
     """Extension name: changes with the source, the flags, torch and the CPU type."""
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(),
-                 _cpu_signature().encode()):
-        digest.update(part)
-        digest.update(b"\0")
-    return f"selfreward_decode_cpu_{digest.hexdigest()[:12]}"
-
-
-def _ninja_on_path() -> None:
-    """torch's builder runs `ninja` from PATH; a venv that was not activated has the PyPI
-    ninja's binary off PATH, so put it there."""
-    if shutil.which("ninja") is not None:
-        return
-    try:
-        import ninja
-    except ImportError:
-        return
-    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    return extension_name("selfreward_decode_cpu", SOURCE.read_bytes(), " ".join(CFLAGS).encode(),
+                          torch.__version__.encode(), _cpu_signature().encode())
 
 
 def load(required: bool = False) -> bool:
@@ -85,7 +68,7 @@ def load(required: bool = False) -> bool:
             try:
                 from torch.utils.cpp_extension import load as build
 
-                _ninja_on_path()
+                ninja_on_path()
                 build(build_name(), sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=["-fopenmp"],
                       is_python_module=False, verbose=False)
                 _state["loaded"] = True

@@ -13,7 +13,7 @@ or reuses `trtllm/` and never builds the Megatron model (`Policy.model` is None)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,17 @@ def load_trtllm_policy(cfg: Config, model_dir: Path) -> Policy:
     return Policy(model=None, tokenizer=tokenizer, engine=engine)
 
 
+def generation_config(cfg: Config) -> Config:
+    """The config a generation model is built with: sequence parallelism off. Decode steps feed
+    one token per row, which cannot be split over TP ranks; megatron's own static inference
+    switches it off the same way (`set_model_to_sequence_parallel(model, False)` in
+    megatron.core's text_generation_controller). A checkpoint trained with it loads unchanged:
+    sequence parallelism splits activations, never weights."""
+    if not cfg.parallel.sequence_parallel:
+        return cfg
+    return replace(cfg, parallel=replace(cfg.parallel, sequence_parallel=False))
+
+
 def load_policy(cfg: Config, model_dir: Path) -> Policy:
     """The policy of `model_dir` with the configured engine. `megatron`: builds this rank's
     model (needs an initialised world) and loads its weights; `trtllm`: see load_trtllm_policy."""
@@ -91,7 +102,7 @@ def load_policy(cfg: Config, model_dir: Path) -> Policy:
     from megatron_selfreward.generation.megatron_engine import MegatronEngine
     from megatron_selfreward.megatron.model import build_model
 
-    model = build_model(cfg)
+    model = build_model(generation_config(cfg))
     load_weights_into(model, cfg, model_dir)
     model.eval()
     tokenizer = load_tokenizer(cfg, model_dir)

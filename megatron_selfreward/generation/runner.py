@@ -181,6 +181,16 @@ def _direct_weights(layer: Any, tp_size: int, dtype: torch.dtype, pack: bool) ->
     )
 
 
+def softmax_scale(conf: Any) -> float:
+    """The attention logits' scale, from the TransformerConfig alone: what megatron passes to its
+    attention cores (`config.softmax_scale`, in `megatron.core.transformer.attention.Attention`),
+    and their default 1/sqrt(head dim), head dim = `kv_channels`. The cores do not all keep it
+    as an attribute: TE's DotProductAttention (2.3 and newer) has no `softmax_scale`."""
+    if conf.softmax_scale is not None:
+        return float(conf.softmax_scale)
+    return 1.0 / math.sqrt(conf.kv_channels)
+
+
 class MegatronRunner:
     """Forward passes of a Megatron-Core GPTModel (PP=1) over a KVCache.
 
@@ -237,7 +247,7 @@ class MegatronRunner:
         self.inv_freq = rope.inv_freq.float().to(self.device)
         factor = rope.seq_len_interpolation_factor
         self.position_scale = 1.0 / factor if factor else 1.0
-        self.softmax_scale = self.layers[0].self_attention.core_attention.softmax_scale
+        self.softmax_scale = softmax_scale(conf)
         self.vocab_size = vocab_size
         self.kernels = self._use_kernels(kernels)
 

@@ -20,6 +20,9 @@ _APPLIED = False
 CPU = torch.device("cpu")
 # Tests switch this off to show the `.type()` remap is still needed by megatron's optimizers.
 remap_tensor_type = True
+# Fake-CUDA tests (tests/fake_cuda.py) switch this off: their tensors must stay on `cuda`, so that
+# a tensor left on the CPU meets a cuda one and fails as it would on a GPU.
+redirect_cuda_to_cpu = True
 
 
 class _NoopStream:
@@ -88,6 +91,8 @@ class CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not redirect_cuda_to_cpu:
+            return func(*args, **kwargs)
         if func is torch.Tensor.cuda:
             # `.cuda()` means "the accelerator": on CPU the tensor is already where it belongs.
             return args[0]

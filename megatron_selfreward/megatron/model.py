@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-from megatron_selfreward.config import Config
+from megatron_selfreward.config import Config, ConfigError
 
+_log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -26,19 +29,26 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 @functools.cache
-def transformer_engine_usable() -> bool:
-    """TE counts as present only if it imports cleanly *and* CUDA is there.
+def transformer_engine_status() -> tuple[bool, str]:
+    """(usable, why not): TE counts as present only if CUDA is there *and* it imports cleanly.
 
-    On CPU machines an installed TE raises RuntimeError (cudnn missing), not ImportError, so any
-    exception means "absent".
+    An installed TE can fail in many ways (on CPU machines a RuntimeError, cudnn missing; on GPU
+    nodes a CUDA or torch version mismatch): any exception means "absent", and the reason is
+    logged once, since the local layer spec then trains silently slower and without FP8.
     """
     if not torch.cuda.is_available():
-        return False
+        return False, "CUDA is not available"
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # noqa: BLE001 - see docstring
-        return False
-    return True
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        reason = f"importing transformer_engine.pytorch raised {type(exc).__name__}: {exc}"
+        _log.warning("Transformer Engine is not used (the local layer spec runs instead): %s", reason)
+        return False, reason
+    return True, ""
+
+
+def transformer_engine_usable() -> bool:
+    return transformer_engine_status()[0]
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel_size: int) -> int:
@@ -54,11 +64,23 @@ def transformer_config(cfg: Config, *, for_meta: bool = False) -> Any:
     on_gpu = torch.cuda.is_available()
     # Meta-device builds (parameter counting, planning) never run a GEMM: no TE needed.
     fp8 = None if for_meta else (prec.fp8 or None)
-    if fp8 and not transformer_engine_usable():
-        raise RuntimeError(
-            "precision.fp8 is set but Transformer Engine is not usable here (it needs CUDA and "
-            "`pip install megatron-selfreward[te]`); unset precision.fp8 to train in BF16."
+    te_usable, te_reason = transformer_engine_status()
+    if fp8 and not te_usable:
+        raise ConfigError(
+            f"config key 'precision.fp8': FP8 needs Transformer Engine, which is not usable here "
+            f"({te_reason}; it needs CUDA and `pip install megatron-selfreward[te]`); unset "
+            "precision.fp8 to train in BF16."
         )
+    if for_meta:
+        # Never allocate weights. TE layers get an explicit device from megatron
+        # (`_get_extra_te_kwargs` in megatron.core.extensions.transformer_engine): "cpu" under
+        # use_cpu_initialization (real host memory, ~140 GB for 70B), "meta" under
+        # init_model_with_meta_device. megatron's local layers allocate on the default device
+        # (meta in build_model) only under use_cpu_initialization, else on current_device().
+        cpu_init, meta_init = not te_usable, True
+    else:
+        # Host-side init splits one full master weight per layer: identical weights for any TP.
+        cpu_init, meta_init = not on_gpu, False
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -84,8 +106,8 @@ def transformer_config(cfg: Config, *, for_meta: bool = False) -> Any:
         fp16=dtype is torch.float16,
         fp8=fp8,
         fp8_recipe=prec.fp8_recipe,
-        # Host-side init splits one full master weight per layer: identical weights for any TP.
-        use_cpu_initialization=not on_gpu or for_meta,
+        use_cpu_initialization=cpu_init,
+        init_model_with_meta_device=meta_init,
         perform_initialization=not for_meta,
         # These fusions need apex / TE kernels; megatron.core has no CPU fallback for them.
         masked_softmax_fusion=False,
@@ -137,6 +159,24 @@ def layer_spec(cfg: Config, tconf: Any) -> Any:
     return ModuleSpec(module=TransformerBlock, submodules=block)
 
 
+class _ExplicitDevicesToMeta(TorchFunctionMode):
+    """Sends tensors created with an explicit `device=` to the meta device: megatron's local
+    layers pass `torch.cuda.current_device()` unless use_cpu_initialization, RoPE passes "cpu"."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("device") is not None:
+            kwargs = dict(kwargs, device=torch.device("meta"))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _all_on_meta():
+    """Every tensor a model build creates on the meta device, with or without `device=`."""
+    with torch.device("meta"), _ExplicitDevicesToMeta():
+        yield
+
+
 def build_model(
     cfg: Config,
     *,
@@ -156,7 +196,7 @@ def build_model(
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage() if not meta else True
     tconf = transformer_config(cfg, for_meta=meta)
-    ctx = torch.device("meta") if meta else contextlib.nullcontext()
+    ctx = _all_on_meta() if meta else contextlib.nullcontext()
     with ctx:
         model = _llama_class()(
             config=tconf,

@@ -137,9 +137,39 @@ def _token_loss_sum(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss_sum, num_tokens, {"lm_loss": report}
 
 
+def model_device(model: Any) -> torch.device:
+    """Where this rank's model chunk computes: the device of its parameters (DDP and
+    Float16Module wrappers included). Not "is CUDA available": a CPU model on a GPU machine, or
+    a rank on its own GPU, each ask their parameters."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def next_batch(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any) -> dict[str, torch.Tensor]:
+    """The next micro-batch, on the model's device. The data code builds host tensors; each
+    micro-batch moves when it is used (as Megatron-LM's `get_batch` in pretrain_gpt.py does), so
+    only one micro-batch at a time occupies device memory."""
+    device = model_device(model)
+    return {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in next(data_iterator).items()}
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """The device a collective on `group` takes its tensors from: NCCL moves CUDA tensors only
+    (on this rank's current device), gloo and MPI host tensors; no process group: the host."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_backend(group) != dist.Backend.NCCL:
+        return torch.device("cpu")
+    current = torch.cuda.current_device()
+    # An index on CUDA builds; the CPU stand-ins (cpu_compat, fake-CUDA tests) return a device.
+    return current if isinstance(current, torch.device) else torch.device("cuda", current)
+
+
 def lm_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any):
     """Causal-LM forward step: per-token loss from megatron's vocab-parallel cross entropy."""
-    batch = next(data_iterator)
+    batch = next_batch(data_iterator, model)
     per_token_loss = model(
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],
@@ -155,9 +185,11 @@ def reduce_report_sums(reports: list[dict[str, torch.Tensor]], key: str, width: 
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    total = torch.zeros(width, dtype=torch.float64)
+    # The reports sit on the model's device; the sum lives where the collectives need it.
+    total = torch.zeros(width, dtype=torch.float64,
+                        device=collective_device(parallel_state.get_data_parallel_group()))
     for report in reports:
-        total += report[key].double()
+        total += report[key].to(total.device, torch.float64)
     if parallel_state.get_data_parallel_world_size() > 1:
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     # Only the last pipeline stage computes the loss; share it with the other stages.

@@ -90,3 +90,78 @@ def test_loss_mask_restricts_loss_to_targets():
                                                 batch["labels"][0], reduction="none")
     torch.testing.assert_close(per_token[0].float(), by_hand, atol=1e-5, rtol=1e-5)
     assert batch["loss_mask"].sum() == 8 and batch["loss_mask"][0, :8].sum() == 0
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def test_meta_build_of_70b_allocates_no_weights():
+    import dataclasses
+
+    cfg = load_config(CONFIGS / "llama2_70b.yaml")
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(  # the whole model on this rank
+        cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        sequence_parallel=False))
+    with single_process_world():
+        before = _rss_bytes()
+        model = build_model(cfg, meta=True)
+        grown = _rss_bytes() - before
+    tensors = [*model.parameters(), *model.buffers()]
+    assert sum(t.numel() for t in tensors) > 68e9 and all(t.is_meta for t in tensors)
+    assert grown < 200 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB"
+
+
+@pytest.fixture
+def te_pretended_usable(monkeypatch):
+    """transformer_config and the layer spec as on a GPU node with TE (the spec stays the local
+    one: TE itself cannot be imported here)."""
+    import megatron_selfreward.megatron.model as model_mod
+
+    monkeypatch.setattr(model_mod, "transformer_engine_status", lambda: (True, ""), raising=False)
+    monkeypatch.setattr(model_mod, "transformer_engine_usable", lambda: False)  # layer_spec's
+
+
+def test_meta_builds_put_te_layers_on_the_meta_device(te_pretended_usable, monkeypatch):
+    import megatron.core.extensions.transformer_engine as mte
+
+    from megatron_selfreward.megatron.model import transformer_config
+
+    cfg = load_config(CONFIGS / "llama2_70b.yaml")
+    tconf = transformer_config(cfg, for_meta=True)
+    # The device megatron hands every TE layer it builds (TE >= 0.12).
+    monkeypatch.setattr(mte, "is_te_min_version", lambda *args, **kwargs: True)
+    assert mte._get_extra_te_kwargs(tconf)["device"] == "meta"
+    # megatron's own layers in that build (embedding, output layer) pass an explicit device.
+    with single_process_world():
+        model = build_model(load_config(CONFIGS / "tiny.yaml"), meta=True)
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def test_why_transformer_engine_is_not_used_is_logged_and_fp8_fails(monkeypatch, caplog):
+    import builtins
+
+    import megatron_selfreward.megatron.model as model_mod
+    from megatron_selfreward.config import ConfigError
+
+    real_import = builtins.__import__
+
+    def broken_te(name, *args, **kwargs):
+        if name.startswith("transformer_engine"):
+            raise RuntimeError("libcudnn.so.9: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(builtins, "__import__", broken_te)
+    model_mod.transformer_engine_status.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=model_mod.__name__):
+            assert model_mod.transformer_engine_usable() is False
+        assert "RuntimeError: libcudnn.so.9" in caplog.text
+        cfg = load_config(CONFIGS / "llama2_70b_fp8.yaml")
+        with pytest.raises(ConfigError, match=r"precision\.fp8.*RuntimeError: libcudnn\.so\.9"):
+            model_mod.transformer_config(cfg)
+    finally:
+        model_mod.transformer_engine_status.cache_clear()

@@ -23,3 +23,25 @@ def test_trtllm_engine_without_tensorrt_llm_says_what_to_do(tmp_path, monkeypatc
 
 def test_megatron_engine_is_always_available():
     check_engine_available(load_config(CONFIGS / "tiny.yaml"))
+
+
+def test_a_sequence_parallel_config_generates_from_its_checkpoint(tmp_path):
+    """Training with sequence parallelism leaves checkpoints generation can load: the generation
+    model is built with it off (here at TP = 1, where megatron refuses sequence parallelism
+    outright, so a build that kept it fails)."""
+    import dataclasses
+
+    from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams
+    from megatron_selfreward.megatron.checkpoint import save_model
+    from megatron_selfreward.megatron.model import build_model
+    from megatron_selfreward.megatron.parallel import single_process_world
+
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    trained = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sequence_parallel=True))
+    with single_process_world():
+        save_model(build_model(cfg), tmp_path / "megatron")
+        policy = load_policy(trained, tmp_path)
+        result = policy.engine.generate([GenerationRequest("r", [1, 2, 3], SamplingParams(
+            temperature=0.0, max_new_tokens=2))])
+    assert policy.model.config.sequence_parallel is False
+    assert len(result[0].samples[0].token_ids) == 2
