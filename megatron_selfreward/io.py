@@ -158,7 +158,7 @@ def iter_jsonl_numbered(path: PathLike) -> Iterator[tuple[int, dict]]:
                     yield line_no, obj
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         # A truncated or corrupt .gz fails mid-iteration; say how far we got.
-        raise JsonlError(path, line_no + 1, f"cannot read file: {err}") from err
+        raise JsonlError(path, line_no + 1, f"cannot read file: truncated or corrupt gzip data ({err})") from err
 
 
 def _parse_line(path: PathLike, line_no: int, raw: bytes) -> dict | None:
@@ -169,6 +169,9 @@ def _parse_line(path: PathLike, line_no: int, raw: bytes) -> dict | None:
         raise JsonlError(path, line_no, f"not valid UTF-8: {err}") from None
     if not text.strip():
         return None
+    # The line terminator is not part of the record: parsed, it turns a cut-off string into
+    # "invalid control character" at the newline's column instead of where the string starts.
+    text = text.removesuffix("\n").removesuffix("\r")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-__all__ = ["GGUFImportError", "import_gguf"]
+__all__ = ["GGUFImportError", "check_gguf_file", "import_gguf"]
 
 Dtype = Literal["float32", "bfloat16"]
 _TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -108,6 +108,106 @@ def import_gguf(
 
 # -- reading the GGUF ------------------------------------------------------------------
 
+# Sizes of the fixed-size GGUF metadata value types (gguf.GGUFValueType); 8 string, 9 array.
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_MAX_DIMS = 8  # ggml has 4; a larger count is a corrupt header, not a tensor
+
+
+class _HeaderCursor:
+    """Reads a GGUF header front to back; any read past the end of the file names the file."""
+
+    def __init__(self, f: Any, path: Path, size: int) -> None:
+        self.f, self.path, self.size, self.pos, self.order = f, path, size, 0, "little"
+
+    def _advance(self, n: int) -> None:
+        if self.pos + n > self.size:
+            raise GGUFImportError(f"{self.path}: truncated GGUF file: its header runs past byte "
+                                  f"{self.pos + n:,} but the file has {self.size:,} bytes")
+        self.pos += n
+
+    def take(self, n: int) -> bytes:
+        self._advance(n)
+        return self.f.read(n)
+
+    def skip(self, n: int) -> None:
+        self._advance(n)
+        self.f.seek(n, os.SEEK_CUR)
+
+    def uint(self, n: int) -> int:
+        return int.from_bytes(self.take(n), self.order)
+
+    def string(self) -> bytes:
+        return self.take(self.uint(8))
+
+    def skip_value(self, vtype: int) -> None:
+        if vtype in _SCALAR_BYTES:
+            self.skip(_SCALAR_BYTES[vtype])
+        elif vtype == _STRING:
+            self.skip(self.uint(8))
+        elif vtype == _ARRAY:
+            etype, count = self.uint(4), self.uint(8)
+            if etype in _SCALAR_BYTES:
+                self.skip(count * _SCALAR_BYTES[etype])
+            else:
+                for _ in range(count):
+                    self.skip_value(etype)
+        else:
+            raise GGUFImportError(f"{self.path}: corrupt GGUF header: unknown value type {vtype} "
+                                  f"at byte {self.pos:,}")
+
+
+def check_gguf_file(path: Path) -> None:
+    """Check that the header of ``path`` parses and every tensor's data lies inside the file.
+
+    GGUFReader maps the file and, on a truncated one, fails with whatever numpy raises first
+    (a reshape of too few bytes); this names the file, the tensor cut off and the sizes.
+    """
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        cur = _HeaderCursor(f, path, size)
+        if cur.take(4) != b"GGUF":
+            raise GGUFImportError(f"{path}: not a GGUF file (it does not start with 'GGUF')")
+        raw = cur.take(4)
+        if int.from_bytes(raw, "little") & 0xFFFF == 0:  # written on a big-endian machine
+            cur.order = "big"
+        version = int.from_bytes(raw, cur.order)
+        if version not in (2, 3):
+            raise GGUFImportError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = cur.uint(8), cur.uint(8)
+        alignment = 32  # GGUF's default when general.alignment is absent
+        for _ in range(n_kv):
+            key, vtype = cur.string(), cur.uint(4)
+            if key == b"general.alignment" and vtype == _UINT32:
+                alignment = cur.uint(4)
+            else:
+                cur.skip_value(vtype)
+        tensors = []
+        for _ in range(n_tensors):
+            name, n_dims = cur.string().decode("utf-8", "replace"), cur.uint(4)
+            if n_dims > _MAX_DIMS:
+                raise GGUFImportError(f"{path}: corrupt GGUF header: tensor {name!r} has {n_dims} dims")
+            dims = [cur.uint(8) for _ in range(n_dims)]
+            tensors.append((name, dims, cur.uint(4), cur.uint(8)))
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFImportError(f"{path}: corrupt GGUF header: alignment {alignment}")
+    data_start = -(-cur.pos // alignment) * alignment
+    ends = {}
+    for name, dims, ggml_type, offset in tensors:
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise GGUFImportError(f"{path}: tensor {name!r} has unknown GGML type {ggml_type}") from None
+        ends[name] = data_start + offset + math.prod(dims) // block * block_bytes
+    last = max(ends, key=ends.__getitem__, default=None)
+    if last is not None and ends[last] > size:
+        cut = sum(end > size for end in ends.values())
+        raise GGUFImportError(f"{path}: truncated GGUF file: its tensor data ends at byte {ends[last]:,} "
+                              f"(tensor {last!r}) but the file has {size:,} bytes; {cut} of "
+                              f"{len(ends)} tensors are cut off")
+
 
 def _open_gguf(path: Path) -> Any:
     """A GGUFReader over ``path``; every way the file can be bad names the file."""
@@ -115,6 +215,7 @@ def _open_gguf(path: Path) -> Any:
 
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    check_gguf_file(path)
     try:
         return GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError, UnicodeDecodeError, OverflowError, struct.error) as err:

@@ -8,7 +8,8 @@ headers.
 
 Over-long examples: the first `seq_len` tokens are kept (the prompt is kept whole and the
 response is cut); an example whose prompt alone fills `seq_len`, so that no target token is
-left, is dropped. Both are counted.
+left, is dropped. Both are counted, logged and recorded in the stage manifest; a data set that
+loses every example is refused with a message naming its file.
 
 Batches follow megatron's GPT layout: `tokens` and `labels` of the same length, labels[i] =
 tokens[i+1], `loss_mask` on labels. With packing, several examples share a row; a
@@ -48,6 +49,28 @@ class LengthStats:
 
     def as_dict(self) -> dict[str, int]:
         return {"kept": self.kept, "truncated": self.truncated, "dropped": self.dropped}
+
+    def describe(self, section: str, seq_len: int) -> str:
+        """One log line: what `<section>.seq_len` did to the data set."""
+        noun = "pairs" if section == "dpo" else "examples"
+        total = self.kept + self.dropped
+        return (f"{section} data: {self.kept} of {total} {noun} kept; dropped {self.dropped} whose prompt "
+                f"alone fills {section}.seq_len={seq_len} tokens; cut {self.truncated} to fit")
+
+
+def check_not_empty(stats: LengthStats, section: str, seq_len: int, source: str | None) -> None:
+    """Refuse a data set that leaves nothing to train on, naming where it came from."""
+    if stats.kept:
+        return
+    from megatron_selfreward.stages.errors import StageError
+
+    where = source or "the training data"
+    noun = "pairs" if section == "dpo" else "examples"
+    if not stats.dropped:
+        raise StageError(f"{where}: empty, no {noun} to train on")
+    raise StageError(f"{where}: all {stats.dropped} {noun} were dropped, each prompt alone fills "
+                     f"{section}.seq_len={seq_len} tokens: nothing left to train on (raise "
+                     f"{section}.seq_len or shorten the prompts)")
 
 
 def conversation_segments(messages: Sequence[Message], template: str) -> list[tuple[str, bool]]:

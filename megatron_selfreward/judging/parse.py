@@ -7,6 +7,13 @@ earlier), the value must lie in [low, high], ``x/5`` is accepted only when the
 denominator is the scale's top. A failure is ``score=None`` with a reason and
 is never turned into 0: a 0 would silently make the failed response the
 "rejected" side of a preference pair.
+
+Accepted values: a plain decimal with a point or none (``4``, ``4.5``, ``.5``),
+optionally in markdown emphasis (``**4**``) and followed by ``/5`` or ``out of 5``
+or by words (``4 points``, ``2.``). Refused as ``malformed_number``: a decimal
+comma or thousands separator (``1,5``: 1.5 or 1?), an exponent (``3.7e1``) and a
+second decimal point (``4.5.1``); reading only their first digits would record a
+score the judge never gave.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ __all__ = [
     "NOT_A_NUMBER",
     "OUT_OF_RANGE",
     "WRONG_SCALE",
+    "MALFORMED_NUMBER",
     "FAILURE_REASONS",
     "ParsedScore",
     "parse_score",
@@ -35,7 +43,8 @@ MISSING = "missing"
 NOT_A_NUMBER = "not_a_number"
 OUT_OF_RANGE = "out_of_range"
 WRONG_SCALE = "wrong_scale"
-FAILURE_REASONS = (MISSING, NOT_A_NUMBER, OUT_OF_RANGE, WRONG_SCALE)
+MALFORMED_NUMBER = "malformed_number"
+FAILURE_REASONS = (MISSING, NOT_A_NUMBER, OUT_OF_RANGE, WRONG_SCALE, MALFORMED_NUMBER)
 
 # "Score:", "score :", "**Score:**", "**Score**:", "Final score:". The word
 # boundary keeps "underscore:" out.
@@ -47,6 +56,8 @@ _VALUE = re.compile(
     r"(?:\s*(?:/|out\s+of)\s*(?P<den>\d+(?:\.\d+)?))?",
     re.IGNORECASE,
 )
+# What may not directly follow the number: its digits would go on in a form that is refused.
+_NUMBER_GOES_ON = re.compile(r"[.,]\d|[eE][-+]?\d")
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,8 @@ def parse_score(text: str, low: float = 0.0, high: float = 5.0) -> ParsedScore:
     match = _VALUE.match(tail)
     if match is None:
         return ParsedScore(None, NOT_A_NUMBER)
+    if _NUMBER_GOES_ON.match(tail, match.end("num")):
+        return ParsedScore(None, MALFORMED_NUMBER)
     value = float(match.group("num"))
     den = match.group("den")
     if den is not None and not math.isclose(float(den), high):

@@ -46,7 +46,8 @@ def run_one(cfg: Config, name: str, iteration: int, log: Any = print, array: boo
     from megatron_selfreward.megatron.parallel import read_dist_env, single_process_world
     from megatron_selfreward.pipeline.workers import SHARDED_STAGES
 
-    spec = find_stage(plan(cfg), name, iteration)
+    stages = plan(cfg)
+    spec = find_stage(stages, name, iteration)
     run_dir = Path(cfg.pipeline.run_dir)
     env = read_dist_env()
     if env.rank == 0 and not (run_dir / "config.yaml").is_file():
@@ -54,10 +55,11 @@ def run_one(cfg: Config, name: str, iteration: int, log: Any = print, array: boo
     if stage_done(spec):
         log(f"{spec.label} (done)")
         return False
-    missing = [f"{k}={p}" for k, p in spec.inputs.items() if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"stage {spec.label} needs {', '.join(missing)}: run the stages "
-                                "before it first (selfreward run does all of them)")
+    unwritten = _unwritten_inputs(stages, spec, run_dir)
+    if unwritten:
+        them = "that stage" if len(unwritten) == 1 else "those stages"
+        raise FileNotFoundError(f"stage {spec.label} of {run_dir} needs {', '.join(unwritten)}: "
+                                f"run {them} first (or `selfreward run`, which runs every stage in order)")
     if env.rank == 0:
         log(f"{spec.label} -> {spec.output}")
     ctx = StageContext(cfg, log, array=array, gather_only=gather_only)
@@ -72,6 +74,22 @@ def run_one(cfg: Config, name: str, iteration: int, log: Any = print, array: boo
             run_stage(cfg, spec, ctx)
     ctx.release()
     return True
+
+
+def _unwritten_inputs(stages: list[Any], spec: Any, run_dir: Path) -> list[str]:
+    """The inputs of `spec` that an earlier stage of the plan writes but has not yet, each named
+    with that stage. A missing input no stage writes (a user's seed directory) is left to the
+    stage, whose own check says what the input should hold."""
+    writers = {path: s for s in stages for path in s.outputs.values()}
+    missing = []
+    for path in spec.inputs.values():
+        writer = writers.get(path)
+        if writer is None or path.exists():
+            continue
+        shown = path.relative_to(run_dir) if path.is_relative_to(run_dir) else path
+        stage = writer.name + (f" --iteration {writer.iteration}" if writer.iteration else "")
+        missing.append(f"{shown} (written by `selfreward stage {stage}`)")
+    return missing
 
 
 def _run_distributed(cfg: Config, spec: Any, ctx: StageContext) -> None:

@@ -3,6 +3,12 @@
 gguf -> `models/M0/hf` (dequantized safetensors + tokenizer); hf -> `models/M0/hf` links to the
 user's directory (no copy of a 140 GB checkpoint); megatron -> `models/M0/megatron` links to the
 checkpoint; random -> a freshly initialised Megatron checkpoint (test presets).
+
+The user's model is checked here, and errors name the user's files: a GGUF's header and tensor
+extents against its size (`convert.gguf`), a HF directory's config.json and every safetensors
+header against its file's size (`convert.hf_checkpoint`), and the config against the model's
+architecture. The fingerprint holds the source's identity (`import_inputs`), so a file changed
+at the same path is imported again, not silently reused.
 """
 
 from __future__ import annotations
@@ -10,11 +16,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from megatron_selfreward.config import Config, ConfigError
-from megatron_selfreward.convert.hf_checkpoint import read_hf_config
+from megatron_selfreward.convert.hf_checkpoint import HFCheckpointError, HFWeights, read_hf_config
 from megatron_selfreward.convert.llama_map import check_same_architecture
-from megatron_selfreward.stages.manifest import fingerprint, is_done, write_manifest
+from megatron_selfreward.stages.manifest import fingerprint, is_done, listing_digest, write_manifest
 
 
 def resolve_model_path(path: str) -> Path:
@@ -44,28 +51,59 @@ def _save_random(cfg: Config, directory: Path) -> None:
         save_model(build_model(cfg), directory)
 
 
+def import_inputs(cfg: Config) -> tuple[Path | None, dict[str, Path], dict[str, Any]]:
+    """(source, fingerprint inputs, fingerprint params) of the import; `plan._import_spec` uses
+    the same, so a finished import shows as done. A source file is an input (hashed by content);
+    a source directory counts by its file listing, not by hashing gigabytes of weights."""
+    m = cfg.model
+    source = resolve_model_path(m.path) if m.source != "random" else None
+    inputs = {"source": source} if source and source.is_file() else {}
+    params: dict[str, Any] = {"source": m.source, "path": str(source or ""), "seed": cfg.pipeline.seed}
+    if source is not None and source.is_dir():
+        params["source_listing"] = listing_digest(source)
+    return source, inputs, params
+
+
+def _check_architecture(cfg: Config, hf_config: dict[str, Any], where: str) -> None:
+    try:
+        check_same_architecture(cfg, hf_config, where)
+    except HFCheckpointError:
+        raise
+    except ValueError as err:  # the model is fine; the config describes another one
+        raise ConfigError(f"config key 'model': {err}") from err
+
+
+def _check_hf_source(cfg: Config, source: Path) -> None:
+    """Refuse a broken HF directory here, naming its files, not at its first load from our link."""
+    if not source.is_dir():
+        raise HFCheckpointError(f"{source}: model.source=hf needs a Hugging Face model directory "
+                                "(config.json + model.safetensors or shards with their index)")
+    hf_config = read_hf_config(source)
+    HFWeights(source)  # parses every safetensors header; each tensor's bytes must lie in its file
+    _check_architecture(cfg, hf_config, str(source / "config.json"))
+
+
 def run_import_model(cfg: Config, run_dir: Path) -> Path:
     out = run_dir / "models" / "M0"
     m = cfg.model
-    source = resolve_model_path(m.path) if m.source != "random" else None
-    fp = fingerprint({"source": source} if source and source.is_file() else {},
-                     {"source": m.source, "path": str(source or ""), "seed": cfg.pipeline.seed})
+    source, inputs, params = import_inputs(cfg)
+    fp = fingerprint(inputs, params)
     if is_done(out, fp):
         return out
     started = time.time()
+    if m.source == "hf":
+        _check_hf_source(cfg, source)
     out.mkdir(parents=True, exist_ok=True)
     if m.source == "gguf":
         from megatron_selfreward.convert.gguf import import_gguf
 
-        import_gguf(source, out / "hf", overwrite=True)
+        import_gguf(source, out / "hf", overwrite=True)  # checks the file before writing anything
+        _check_architecture(cfg, read_hf_config(out / "hf"), f"{source} (as {out / 'hf'}/config.json)")
     elif m.source == "hf":
         _link(source, out / "hf")
     elif m.source == "megatron":
         _link(source, out / "megatron")
     else:
         _save_random(cfg, out / "megatron")
-    if (out / "hf" / "config.json").is_file():
-        # Fail here, not at the first model load, when the config describes another model.
-        check_same_architecture(cfg, read_hf_config(out / "hf"), f"{out / 'hf'}/config.json")
     write_manifest(out, "import_model", fp, {"source": m.source}, started)
     return out

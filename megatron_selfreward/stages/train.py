@@ -72,7 +72,7 @@ def run_train_sft(cfg: Config, data: dict[str, Path], init_dir: Path | None, out
         raise StageError(f"SFT into {out}: no examples in {', '.join(map(str, data.values()))}")
     if fp is not None:
         prepare_out_dir(out, fp)
-    summary = run_sft(cfg, examples, init_dir, out)
+    summary = run_sft(cfg, examples, init_dir, out, source=", ".join(map(str, data.values())))
     return {**counts, **_finish(cfg, summary, out)}
 
 
@@ -109,5 +109,5 @@ def run_train_dpo(cfg: Config, iteration: int, pairs_path: Path, init_dir: Path,
             f"{cfg.dpo.seq_len}"))
     if fp is not None:  # only now: a refused stage leaves no model directory behind
         prepare_out_dir(out, fp)
-    summary = run_dpo(cfg, pairs, init_dir, out)
+    summary = run_dpo(cfg, pairs, init_dir, out, source=str(pairs_path))
     return {"pairs": len(pairs), **_finish(cfg, summary, out)}

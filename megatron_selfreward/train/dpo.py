@@ -32,6 +32,7 @@ from megatron_selfreward.losses.dpo import (
     sequence_logps,
     summarize,
 )
+from megatron_selfreward.megatron.training import collective_device, next_batch
 from megatron_selfreward.records import PreferencePair
 from megatron_selfreward.train import loop
 
@@ -57,7 +58,7 @@ def dpo_loss_func(batch: dict[str, torch.Tensor], loss_fn: PairLoss, beta: float
 
 
 def dpo_forward_step(loss_fn: PairLoss, beta: float, data_iterator: Iterator, model: Any):
-    batch = next(data_iterator)
+    batch = next_batch(data_iterator, model)
     return _policy_nll(batch, model), partial(dpo_loss_func, batch, loss_fn, beta)
 
 
@@ -69,7 +70,7 @@ def _logps_loss_func(batch: dict[str, torch.Tensor], per_token_nll: torch.Tensor
 
 
 def _logps_forward_step(data_iterator: Iterator, model: Any):
-    batch = next(data_iterator)
+    batch = next_batch(data_iterator, model)
     return _policy_nll(batch, model), partial(_logps_loss_func, batch)
 
 
@@ -83,6 +84,23 @@ def _reference_chunks(num_pairs: int, cfg: Config) -> list[list[int]]:
     return [c + [-1] * (round_up(len(c), unit) - len(c)) for c in chunks]
 
 
+def reference_batches(cfg: Config, pairs: Sequence[TokenizedPair], indices: list[int],
+                      pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches of one reference chunk (pair index -1: padding)."""
+    dp_rank, dp_size = loop.data_parallel()
+    mbs = cfg.dpo.micro_batch_size
+    longest = max(pairs[i].max_len for i in indices if i >= 0)
+    per_rank = len(indices) // dp_size
+    mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    batches = []
+    for j in range(0, len(mine), mbs):
+        part = mine[j : j + mbs]  # pair_index -1 marks padding: computed, never stored
+        own = max(pairs[max(i, 0)].max_len for i in part)
+        length = round_up(longest if loop.uniform_lengths(cfg) else own, loop.pad_multiple(cfg))
+        batches.append(pair_batch([pairs[max(i, 0)] for i in part], part, length, pad_id))
+    return batches
+
+
 def compute_reference_logps(cfg: Config, model: list[Any], pairs: Sequence[TokenizedPair],
                             pad_id: int) -> torch.Tensor:
     """[pairs, 2] (chosen, rejected) summed response log-probs under the current weights."""
@@ -91,34 +109,25 @@ def compute_reference_logps(cfg: Config, model: list[Any], pairs: Sequence[Token
 
     from megatron_selfreward.megatron.training import forward_only
 
-    dp_rank, dp_size = loop.data_parallel()
-    mbs = cfg.dpo.micro_batch_size
     table = torch.zeros(len(pairs), 2, dtype=torch.float64)
     for chunk in model:
         chunk.eval()
-    multiple = loop.pad_multiple(cfg)
     for indices in _reference_chunks(len(pairs), cfg):
-        longest = max(pairs[i].max_len for i in indices if i >= 0)
-        per_rank = len(indices) // dp_size
-        mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        batches = []
-        for j in range(0, len(mine), mbs):
-            part = mine[j : j + mbs]  # pair_index -1 marks padding: computed, never stored
-            own = max(pairs[max(i, 0)].max_len for i in part)
-            length = round_up(longest if loop.uniform_lengths(cfg) else own, multiple)
-            batches.append(pair_batch([pairs[max(i, 0)] for i in part], part, length, pad_id))
+        batches = reference_batches(cfg, pairs, indices, pad_id)
         for report in forward_only(model, batches, _logps_forward_step):
             for idx, chosen, rejected in report["logps"].tolist():
                 if idx >= 0:
                     table[int(idx)] = torch.tensor([chosen, rejected], dtype=torch.float64)
     for chunk in model:
         chunk.train()
-    if dp_size > 1:  # each pair was computed on exactly one DP rank, the others hold zeros
+    table = table.to(collective_device(ps.get_data_parallel_group()))
+    if ps.get_data_parallel_world_size() > 1:  # each pair was computed on one DP rank, others hold 0
         dist.all_reduce(table, group=ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(table, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
-    return table.float()
+    # Host memory: it is saved with safetensors and sliced into micro-batches like other data.
+    return table.float().cpu()
 
 
 def reference_logps(cfg: Config, state: Any, pairs: Sequence[TokenizedPair], pad_id: int,
@@ -170,11 +179,13 @@ def run_dpo(
     *,
     resume: bool = True,
     stop_after_steps: int | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """DPO from the model in `init_dir` (policy init = reference); write `out_dir`.
 
     Works inside an already initialised world (its TP/PP must match the config) or creates one
     from the launcher's environment. Returns a summary (steps, losses, metrics, data counts).
+    `source` (the data's file) is named when no example is left to train on.
     """
     from megatron_selfreward.megatron.checkpoint import latest_checkpoint
 
@@ -186,4 +197,4 @@ def run_dpo(
         return dpo_task(cfg, tpairs, ref, tokenizer.eos_token_id), {"reference_time_s": reference_time_s}
 
     return loop.run_stage(cfg, "dpo", pairs, prepare_dpo, make_task, init_dir, out_dir,
-                          resume=resume, stop_after_steps=stop_after_steps)
+                          resume=resume, stop_after_steps=stop_after_steps, source=source)

@@ -266,12 +266,15 @@ def train(
 def run_stage(
     cfg: Config, section: str, records: Any, prepare: Callable, make_task: Callable,
     init_dir: str | Path | None, out_dir: str | Path, *, resume: bool, stop_after_steps: int | None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """The body of run_sft / run_dpo: world, tokenizer, data, train state, train, model dir.
 
     `prepare(records, tokenizer, template, seq_len) -> (items, LengthStats)`;
-    `make_task(state, items, tokenizer, out_dir, resume) -> (Task, extra summary entries)`.
+    `make_task(state, items, tokenizer, out_dir, resume) -> (Task, extra summary entries)`;
+    `source`: where the records came from, named when none of them is left to train on.
     """
+    from megatron_selfreward.data.sft_data import check_not_empty
     from megatron_selfreward.megatron.training import build_train_state
 
     out = Path(out_dir)
@@ -279,6 +282,9 @@ def run_stage(
         opt = getattr(cfg, section)
         tokenizer = init_tokenizer(cfg, init_dir)
         items, stats = prepare(records, tokenizer, cfg.model.chat_template, opt.seq_len)
+        if rank() == 0:
+            print(stats.describe(section, opt.seq_len), flush=True)
+        check_not_empty(stats, section, opt.seq_len, source)
         total = total_steps_for(len(items), opt.global_batch_size, opt.epochs, opt.max_steps)
         state = build_train_state(cfg, opt, total, init_model(cfg, init_dir))
         task, extra = make_task(state, items, tokenizer, out, resume)

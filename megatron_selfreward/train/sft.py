@@ -26,9 +26,9 @@ def _summarize(sums: torch.Tensor) -> dict[str, float]:
 def sft_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any):
     """Per-token cross entropy on the target tokens; the loss mask also tells the model where the
     output layer is needed at all (see `megatron.model.target_token_nll`)."""
-    from megatron_selfreward.megatron.training import _token_loss_sum
+    from megatron_selfreward.megatron.training import _token_loss_sum, next_batch
 
-    batch = next(data_iterator)
+    batch = next_batch(data_iterator, model)
     per_token_loss = model(
         input_ids=batch["tokens"], position_ids=batch["position_ids"],
         # None = megatron's causal mask; packed batches bring a block-diagonal one.
@@ -61,14 +61,16 @@ def run_sft(
     *,
     resume: bool = True,
     stop_after_steps: int | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the model in `init_dir` (None: random init) on `examples`; write `out_dir`.
 
     Works inside an already initialised world (its TP/PP must match the config) or creates one
     from the launcher's environment. Returns a summary (steps, losses, throughput, data counts).
+    `source` (the data's file) is named when no example is left to train on.
     """
     def make_task(state: Any, samples: list[TokenizedSample], tokenizer: Any, out: Path, resume: bool):
         return sft_task(cfg, samples, tokenizer.eos_token_id), {}
 
     return loop.run_stage(cfg, "sft", examples, prepare_sft, make_task, init_dir, out_dir,
-                          resume=resume, stop_after_steps=stop_after_steps)
+                          resume=resume, stop_after_steps=stop_after_steps, source=source)

@@ -6,6 +6,7 @@ import pytest
 
 from megatron_selfreward.judging.parse import (
     FAILURE_REASONS,
+    MALFORMED_NUMBER,
     MISSING,
     NOT_A_NUMBER,
     OUT_OF_RANGE,
@@ -121,3 +122,28 @@ def test_judge_judgement_from_outputs():
     assert j.mean_score == 4.5
     failed = judgement_from_outputs("p1", "p1-r3", ["???", ""])
     assert failed.mean_score is None and failed.failure_reasons == [MISSING, MISSING]
+
+
+@pytest.mark.parametrize("text", [
+    "Score: 1,5",        # decimal comma: 1.5 or 1?
+    "**Score:** 4,5/5",
+    "Score: 3.7e1",      # an exponent: 37, not 3.7
+    "Score: 4E0",
+    "Score: 2e-1",
+    "Score: 4.5.1",      # a version-like number
+    "Score: 1,000",      # thousands separator
+])
+def test_judge_parse_refuses_numbers_it_would_misread(text):
+    parsed = parse_score(text)
+    assert parsed == ParsedScore(None, MALFORMED_NUMBER)
+    assert parsed.reason in FAILURE_REASONS
+    assert judgement_from_outputs("p", "r", [text]).mean_score is None
+
+
+@pytest.mark.parametrize("text, score", [
+    ("Score: 4, a solid answer", 4.0),     # a comma then prose is punctuation, not a decimal
+    ("Score: 3. The answer is fine.", 3.0),
+    ("Score: 2 (e.g. partial)", 2.0),
+])
+def test_judge_parse_punctuation_after_the_number_is_fine(text, score):
+    assert parse_score(text) == ParsedScore(score, None)

@@ -208,6 +208,17 @@ def test_read_jsonl_malformed_line_names_file_and_line(tmp_path: Path):
     assert "column" in str(exc.value)
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_read_jsonl_cut_off_record_points_at_the_open_string(tmp_path: Path, newline: str):
+    # The string opens at column 43; parsing the line's newline reports column 57, the newline.
+    path = tmp_path / "ift.jsonl"
+    cut = '{"messages": [{"role": "user", "content": "half a record'
+    path.write_text(f'{{"a": 1}}{newline}{cut}{newline}{{"a": 3}}{newline}', encoding="utf-8", newline="")
+    with pytest.raises(JsonlError) as exc:
+        read_jsonl(path)
+    assert str(exc.value) == f"{path} line 2: invalid JSON: Unterminated string starting at (column 43)"
+
+
 def test_read_jsonl_rejects_non_object_lines(tmp_path: Path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
