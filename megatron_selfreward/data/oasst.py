@@ -9,6 +9,9 @@ held in memory, only the first turns that survive the filters.
 - Ranked (paper 2.2 step 1): English prompts with >= 2 ranked first-turn replies.
 - EFT  (paper 2.2 steps 2-5): ``build_eft`` turns ranked prompts plus SFT-baseline judge outputs
   into judge-training examples, keeping a prompt only when its scores agree with the humans.
+- Seed: ``load_oasst_seed`` (the ``prepare_seed`` stage with ``data.oasst_export``) and
+  ``build_oasst_seed_dir`` (``tools/build_oasst_seed.py``, ``selfreward seed oasst``) assemble IFT
+  + ranked prompts with held-out eval prompts and compare the sizes with the paper's.
 
 Overlap policy (the paper: IFT and EFT prompts do not overlap; it does not say how).
 Every usable prompt goes to exactly one side, decided by a hash of its normalised text:
@@ -35,14 +38,21 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from megatron_selfreward.data.seed import normalize_instruction
+from megatron_selfreward.data.seed import (
+    Seed,
+    SeedError,
+    load_builtin_seed,
+    normalize_instruction,
+    write_seed_dir,
+)
 # Line numbers let a shape error in a 1 GB export be located.
 from megatron_selfreward.io import JsonlError, PathLike, iter_jsonl_numbered
 from megatron_selfreward.judging.parse import parse_score
 from megatron_selfreward.judging.prompt import render_judge_prompt
-from megatron_selfreward.records import RankedPrompt, SFTExample
+from megatron_selfreward.records import Prompt, RankedPrompt, SFTExample
 
 __all__ = [
     "IFT_FRACTION",
@@ -59,6 +69,11 @@ __all__ = [
     "order_agreement",
     "rebalance_scores",
     "build_eft",
+    "PAPER_SIZES",
+    "load_oasst_seed",
+    "describe_sizes",
+    "build_oasst_seed_dir",
+    "describe_build",
 ]
 
 log = logging.getLogger(__name__)
@@ -419,3 +434,87 @@ def build_eft(
     histogram = Counter(f"{pairs[i][1]:g}" for i in keep)
     stats.score_histogram = {k: histogram[k] for k in sorted(histogram, key=float)}
     return examples, stats
+
+
+# ---------------------------------------------------------------------------
+# The paper's seed from an export, as `prepare_seed` and `tools/build_oasst_seed.py` use it
+
+# Paper section 2, camera-ready (arXiv v1: EFT 1,775 / 531). The EFT train size counts what
+# survives build_eft's agreement filter and rebalancing, so the ranked train prompts that
+# prepare_seed writes are an upper bound on it, not the same quantity.
+PAPER_SIZES = {"ift": 3200, "eft_train": 1630, "eft_eval": 541}
+
+
+def load_oasst_seed(
+    export: PathLike, eval_prompts: Sequence[Prompt], ift_fraction: float = IFT_FRACTION
+) -> tuple[Seed, dict[str, int]]:
+    """IFT examples and ranked prompts built from ``export`` by the paper's rules, with
+    ``eval_prompts`` (OASST has no held-out instruction set) as the head-to-head prompts.
+
+    Returns the seed and a count per skip reason (see ``first_turn``). A training prompt that
+    is also an eval prompt is dropped (``eval_overlap``): the export cannot be edited like a
+    seed directory, and evaluating on trained prompts would measure memorisation.
+    Raises JsonlError naming the file and line for a malformed export, SeedError when the
+    export yields no IFT example or fewer than 2 ranked prompts (EFT needs one to train on and
+    one to evaluate).
+    """
+    stats: Counter = Counter()
+    ift, ranked = build_seed(iter_trees(export), ift_fraction, stats)
+    held_out = {normalize_instruction(p.text) for p in eval_prompts}
+    kept_ift = [e for e in ift if normalize_instruction(e.messages[0]["content"]) not in held_out]
+    kept_ranked = [r for r in ranked if normalize_instruction(r.prompt) not in held_out]
+    stats["eval_overlap"] = len(ift) - len(kept_ift) + len(ranked) - len(kept_ranked)
+    reasons = {k: v for k, v in sorted(stats.items()) if v and k not in ("ift_examples", "ranked_prompts")}
+    skipped = ", ".join(f"{k} {v}" for k, v in reasons.items()) or "nothing"
+    if not kept_ift:
+        raise SeedError(f"{export}: no usable IFT example (an English first turn with its rank-0 "
+                        f"reply, tree_state {READY_STATE}); skipped: {skipped}")
+    if len(kept_ranked) < 2:
+        raise SeedError(f"{export}: {len(kept_ranked)} prompt(s) with 2 or more usable ranked "
+                        f"replies; EFT needs at least 2 (train and eval); skipped: {skipped}")
+    ids = Counter(r.prompt_id for r in kept_ranked)
+    duplicate = next((i for i, n in ids.items() if n > 1), None)
+    if duplicate is not None:
+        # Ids key the train/eval split and the joins between stages.
+        raise SeedError(f"{export}: message_tree_id {duplicate.removeprefix('oasst-')!r} "
+                        "appears more than once with different prompts")
+    return Seed(ift=kept_ift, ranked=kept_ranked, eval_prompts=list(eval_prompts)), reasons
+
+
+def describe_sizes(ift: int, *, ranked: int = 0, ranked_train: int | None = None,
+                   eft_eval: int | None = None) -> str:
+    """The built seed's sizes beside the paper's, in one line.
+
+    With a train/eval split (prepare_seed) both sides are shown; without one (a seed directory,
+    split later by ``data.eft_eval_fraction``) ``ranked`` is the total.
+    """
+    p = PAPER_SIZES
+    head = f"{ift:,} IFT examples (paper {p['ift']:,})"
+    paper_eft = f"paper after EFT filtering: {p['eft_train']:,} train / {p['eft_eval']:,} eval"
+    if ranked_train is None or eft_eval is None:
+        return f"{head}; {ranked:,} ranked prompts for EFT, split by data.eft_eval_fraction ({paper_eft})"
+    return f"{head}; EFT ranked prompts {ranked_train:,} train / {eft_eval:,} eval ({paper_eft})"
+
+
+def build_oasst_seed_dir(
+    export: PathLike, out_dir: PathLike, overwrite: bool = False
+) -> tuple[Seed, dict[str, int]]:
+    """``load_oasst_seed`` with the built-in eval prompts, written as a seed directory that
+    ``data.seed=OUT_DIR`` reads. Returns the seed and a count per skip reason.
+
+    Raises FileNotFoundError for a missing export, FileExistsError when ``out_dir`` already
+    holds seed files (unless ``overwrite``), and what ``load_oasst_seed`` raises.
+    """
+    if not Path(export).is_file():
+        raise FileNotFoundError(f"{export}: no such file (give the Open Assistant *.trees.jsonl "
+                                "or *.trees.jsonl.gz export)")
+    seed, skipped = load_oasst_seed(export, load_builtin_seed().eval_prompts)
+    write_seed_dir(seed, out_dir, overwrite)
+    return seed, skipped
+
+
+def describe_build(seed: Seed, skipped: dict[str, int]) -> str:
+    """Sizes against the paper's and the skip counts of a seed built from an export."""
+    reasons = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "nothing"
+    return (f"{describe_sizes(len(seed.ift), ranked=len(seed.ranked))}; "
+            f"{len(seed.eval_prompts)} eval prompts (built-in)\nskipped: {reasons}")

@@ -9,7 +9,7 @@ A seed is three JSONL files in one directory:
 
 A small seed written for this project ships in ``builtin/`` so the everyday CPU path needs no
 download; the paper's own seed (Open Assistant) is built by ``data.oasst`` from a user's export
-into the same three files, and ``load_seed_dir`` reads either.
+into the same three files (``write_seed_dir``), and ``load_seed_dir`` reads either.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Sequence, TypeVar
 
-from megatron_selfreward.io import read_records
+from megatron_selfreward.io import read_records, write_jsonl
 from megatron_selfreward.records import Prompt, RankedPrompt, SFTExample
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "SeedError",
     "load_builtin_seed",
     "load_seed_dir",
+    "write_seed_dir",
     "split_ranked",
     "normalize_instruction",
 ]
@@ -116,6 +117,23 @@ def load_seed_dir(path: str | Path) -> Seed:
     _check_unique_ids(root / EVAL_PROMPTS_FILE, [p.prompt_id for p in eval_prompts])
     _check_held_out(root / EVAL_PROMPTS_FILE, ift, eval_prompts)
     return Seed(ift=ift, ranked=ranked, eval_prompts=eval_prompts)
+
+
+def write_seed_dir(seed: Seed, path: str | Path, overwrite: bool = False) -> Path:
+    """Write ``seed`` as the three files ``load_seed_dir`` reads (each atomically).
+
+    Raises FileExistsError when ``path`` already holds one of them and ``overwrite`` is False:
+    a seed directory is often edited by hand (its eval prompts replaced), and a rebuild must
+    not silently undo that.
+    """
+    root = Path(path)
+    present = [name for name in (IFT_FILE, RANKED_FILE, EVAL_PROMPTS_FILE) if (root / name).exists()]
+    if present and not overwrite:
+        raise FileExistsError(f"{root} already holds {', '.join(present)}; pass --overwrite to replace")
+    write_jsonl(root / RANKED_FILE, seed.ranked)
+    write_jsonl(root / EVAL_PROMPTS_FILE, seed.eval_prompts)
+    write_jsonl(root / IFT_FILE, seed.ift)
+    return root
 
 
 def load_builtin_seed() -> Seed:
