@@ -5,6 +5,8 @@
     selfreward config  [--config NAME|PATH] [key=value ...]   print the resolved, validated config
     selfreward params  [--config NAME|PATH] [key=value ...]   parameter count (meta device)
     selfreward convert gguf-to-hf | hf-to-megatron | megatron-to-hf ...   checkpoint conversion
+    selfreward seed    oasst EXPORT OUT_DIR [--overwrite]   the paper's seed from an Open Assistant
+                                                            export, as a directory for data.seed
     selfreward train   sft|dpo [--config ...] [--data PATH] [--init MODEL_DIR] [--out DIR] [key=value ...]
                                                             SFT or DPO (torchrun/srun for > 1 process)
     selfreward slurm   submit|status [--config ...|--run-dir DIR] [--iteration T] [key=value ...]
@@ -16,18 +18,25 @@
     selfreward profile STAGE --iteration T [--config ...] [key=value ...] [--out DIR]
                                                             one stage under torch.profiler: Chrome
                                                             trace + top ops (perf/profile.py)
+
+Known errors (a bad config, input file or checkpoint, a stage that refuses its inputs) print one
+line, `selfreward: error: ...`, and exit 2 or 3; `--debug` or SELFREWARD_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 from megatron_selfreward.config import ConfigError, load_config, to_yaml
 
 DEFAULT_CONFIG = "smollm2_135m_cpu"
+# Known errors (bad inputs, refused stages) print one line; these show the traceback as well.
+DEBUG_FLAG, DEBUG_ENV = "--debug", "SELFREWARD_DEBUG"
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -54,7 +63,12 @@ def _load(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from megatron_selfreward.pipeline.run import run
 
-    summary = run(_load(args))
+    from megatron_selfreward.report.collect import collect
+    from megatron_selfreward.report.warnings import degenerate_outputs
+
+    cfg = _load(args)
+    summary = run(cfg)
+    summary["warnings"] = degenerate_outputs(collect(cfg, Path(summary["run_dir"])))
     print(format_summary(summary))
     return 0
 
@@ -104,6 +118,8 @@ def format_summary(summary: dict) -> str:
     if summary["pairs"] == 0:
         lines.append("no usable pairs: the judge produced no distinct scores (an untrained M0 "
                      "rarely ends with 'Score: x'; EFT training teaches it)")
+    for warning in summary.get("warnings", []):
+        lines.append(f"warning: {warning}")
     return "\n".join(lines)
 
 
@@ -135,6 +151,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from megatron_selfreward.convert.hf_megatron import convert_megatron_to_hf
 
         print(convert_megatron_to_hf(Path(args.src), Path(args.out)))
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from megatron_selfreward.data.oasst import build_oasst_seed_dir, describe_build
+
+    seed, skipped = build_oasst_seed_dir(Path(args.export), Path(args.out), overwrite=args.overwrite)
+    print(f"wrote {args.out} from {args.export}")
+    print(describe_build(seed, skipped))
     return 0
 
 
@@ -173,6 +198,15 @@ def _train_init_dir(cfg, args: argparse.Namespace) -> Path | None:
     return run_import_model(cfg, Path(cfg.pipeline.run_dir))
 
 
+def _nonempty(records: list, path: str, kind: str) -> list:
+    """Refuse an empty --data file before a model is built for it."""
+    if not records:
+        from megatron_selfreward.stages.errors import StageError
+
+        raise StageError(f"{path}: empty, no {kind} records to train on")
+    return records
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import json
 
@@ -184,22 +218,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     out = Path(args.out or Path(cfg.pipeline.run_dir) / f"train_{args.task}")
-    init = _train_init_dir(cfg, args)
+    if args.data and not Path(args.data).is_file():
+        raise FileNotFoundError(f"--data {args.data}: no such file")
     if args.task == "sft":
         if args.data:
-            examples = read_records(args.data, SFTExample)
+            examples = _nonempty(read_records(args.data, SFTExample), args.data, "SFTExample")
         else:
             from megatron_selfreward.data.seed import load_builtin_seed
 
             examples = load_builtin_seed().ift
-        summary = run_sft(cfg, examples, init, out)
+        init = _train_init_dir(cfg, args)  # after the data: a bad file fails before a model import
+        summary = run_sft(cfg, examples, init, out, source=args.data or "the built-in IFT seed")
     else:
         if not args.data:
             raise FileNotFoundError(
                 "selfreward train dpo needs --data PATH (a pairs.jsonl of PreferencePair records)")
         from megatron_selfreward.data.dpo_data import read_pairs
 
-        summary = run_dpo(cfg, read_pairs(args.data), init, out)
+        pairs = _nonempty(read_pairs(args.data), args.data, "PreferencePair")
+        summary = run_dpo(cfg, pairs, _train_init_dir(cfg, args), out, source=args.data)
     if not dist.is_initialized() or dist.get_rank() == 0:
         final = summary.get("final") or {}
         print(json.dumps({"out": str(out), "steps": summary["steps"], "loss": final.get("loss"),
@@ -210,6 +247,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfreward", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help=f"on a known error print the traceback too (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in [
         ("run", cmd_run, "run the self-rewarding pipeline (the main job)"),
@@ -264,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     conv.add_argument("--overwrite", action="store_true")
     conv.set_defaults(func=cmd_convert)
+    seed = sub.add_parser("seed", help="build a seed directory (data.seed) from an external dataset")
+    seed.add_argument("source", choices=["oasst"], help="oasst: an Open Assistant trees export")
+    seed.add_argument("export", help="OASST *.trees.jsonl or *.trees.jsonl.gz export")
+    seed.add_argument("out", help="seed directory to write: ift.jsonl, ranked.jsonl, eval_prompts.jsonl")
+    seed.add_argument("--overwrite", action="store_true", help="replace seed files already in OUT")
+    seed.set_defaults(func=cmd_seed)
     report = sub.add_parser("report", help="write report/report.md, plots and throughput.json of a run")
     report.add_argument("--run-dir", required=True, help="the run directory (pipeline.run_dir)")
     report.set_defaults(func=cmd_report)
@@ -290,25 +335,37 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
     # Deprecation notices from torch/megatron internals say nothing actionable to a user.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if DEBUG_FLAG in argv:  # accepted after the subcommand too, where users tend to add it
+        argv.remove(DEBUG_FLAG)
+        os.environ[DEBUG_ENV] = "1"  # torchrun children of this command inherit it
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError) as err:
-        print(f"selfreward: error: {err}", file=sys.stderr)
-        return 2
+        return _report(err, 2)
     except _input_errors() as err:
         # Bad data or a stage that refused its inputs: the message says what and where.
-        print(f"selfreward: error: {err}", file=sys.stderr)
-        return 3
+        return _report(err, 3)
+
+
+def _report(err: BaseException, code: int) -> int:
+    """One line naming what is wrong; the traceback only when asked for (it would bury the line)."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exc()
+    print(f"selfreward: error: {err}", file=sys.stderr)
+    return code
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
+    from megatron_selfreward.convert.gguf import GGUFImportError
+    from megatron_selfreward.convert.hf_checkpoint import HFCheckpointError
     from megatron_selfreward.data.seed import SeedError
     from megatron_selfreward.io import JsonlError
     from megatron_selfreward.records import RecordError
     from megatron_selfreward.stages.errors import StageError
 
-    return (StageError, SeedError, JsonlError, RecordError)
+    return (StageError, SeedError, JsonlError, RecordError, GGUFImportError, HFCheckpointError)
 
 
 if __name__ == "__main__":

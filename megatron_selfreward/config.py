@@ -86,10 +86,16 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: bfloat16 on CUDA and on CPUs with native bf16 (AMX-BF16, AVX512-BF16), float32 on
+    # other CPUs (megatron_selfreward/precision.py). Resolved when the config is loaded.
+    params_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # Set by the loader, not by you: why `auto` chose params_dtype ("" when it was given).
+    dtype_choice: str = ""
     # FP8 through Transformer Engine; only on GPUs with TE installed.
     fp8: Literal["", "hybrid", "e4m3"] = ""
-    fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"
+    # tensorwise = TE's Float8CurrentScaling (megatron.core.fp8_utils.get_fp8_recipe), stateless:
+    # checkpoints reload. "delayed" is refused by validate() (see _check_fp8_recipe).
+    fp8_recipe: Literal["delayed", "tensorwise"] = "tensorwise"
 
 
 @dataclass
@@ -106,7 +112,8 @@ class TrainConfig:
 class DataConfig:
     # "builtin" = the seed data shipped in the package; else a directory with ift.jsonl etc.
     seed: str = "builtin"
-    # An Open Assistant export (*.trees.jsonl[.gz]) to build IFT/EFT from, as in the paper.
+    # An Open Assistant export (*.trees.jsonl[.gz]) to build IFT and ranked prompts from by the
+    # paper's rules (data/oasst.py); eval prompts stay the built-in ones. Excludes data.seed.
     oasst_export: str = ""
     eval_prompts: Literal["builtin", "alpaca_eval"] = "builtin"
     # Share of the ranked prompts held out for reward-model metrics (paper: 541 of 2,171).
@@ -421,12 +428,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = _read_yaml(Path(path)) if path else {}
     data = apply_overrides(data, list(overrides or []))
     cfg = _build(Config, data)
+    _resolve(cfg)
     validate(cfg)
     return cfg
 
 
+def _resolve(cfg: Config) -> None:
+    """Values the machine decides (`precision.params_dtype: auto`), in every process."""
+    from megatron_selfreward.precision import resolve_auto
+
+    resolve_auto(cfg)
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain data of the config; a dtype that `auto` chose is written back as `auto` (with the
+    choice beside it), so a run directory's config.yaml decides again on each machine."""
+    data = dataclasses.asdict(cfg)
+    if cfg.precision.dtype_choice:
+        data["precision"]["params_dtype"] = "auto"
+    return data
 
 
 def to_yaml(cfg: Config) -> str:
@@ -435,6 +455,7 @@ def to_yaml(cfg: Config) -> str:
 
 def from_dict(data: dict[str, Any]) -> Config:
     cfg = _build(Config, data)
+    _resolve(cfg)
     validate(cfg)
     return cfg
 
@@ -547,6 +568,7 @@ def _check_pipeline_keys(cfg: Config) -> None:
     _require(0.0 < d.eft_max_bucket_fraction <= 1.0, "data.eft_max_bucket_fraction",
              "must be in (0, 1]")
     _require(d.eft_max_prompts >= 0, "data.eft_max_prompts", "must be >= 0 (0 = all)")
+    _check_oasst_export(d)
     _require(cfg.pipeline.shard_size > 0, "pipeline.shard_size", "must be > 0")
     _require(cfg.pipeline.iterations >= 0, "pipeline.iterations", "must be >= 0")
     _require(pg.num_prompts > 0, "generation.prompts.num_prompts", "must be > 0")
@@ -554,6 +576,20 @@ def _check_pipeline_keys(cfg: Config) -> None:
     _require(0 < pg.min_words <= pg.max_words, "generation.prompts.min_words",
              "must be > 0 and at most max_words")
     _require(0.0 < pg.top_p <= 1.0, "generation.prompts.top_p", "must be in (0, 1]")
+
+
+def _check_oasst_export(d: DataConfig) -> None:
+    if not d.oasst_export:
+        return
+    # Both set is ambiguous (whose IFT data?); a seed directory built from the export by
+    # tools/build_oasst_seed.py takes custom eval prompts instead.
+    _require(d.seed == "builtin", "data.oasst_export",
+             f"set data.oasst_export or data.seed, not both (data.seed={d.seed!r}); to pair an OASST "
+             "seed with your own eval prompts, build it with `selfreward seed oasst EXPORT OUT_DIR`, "
+             "replace OUT_DIR/eval_prompts.jsonl and pass data.seed=OUT_DIR")
+    _require(d.oasst_export.endswith((".jsonl", ".jsonl.gz")), "data.oasst_export",
+             f"{d.oasst_export!r} is not a .jsonl or .jsonl.gz file (give the Open Assistant "
+             "*.trees.jsonl.gz export)")
 
 
 def _check_slurm(cfg: Config) -> None:
@@ -569,6 +605,18 @@ def _check_slurm(cfg: Config) -> None:
                  f"{option!r}: give each option as '--name=value'")
 
 
+def _check_fp8_recipe(cfg: Config) -> None:
+    """Delayed scaling keeps amax histories in each TE module's extra state, which TE saves as a
+    pickle. Since TE 2.18, `TransformerEngineBaseModule.set_extra_state` loads such state only
+    with NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 (transformer_engine/pytorch/_extra_state.py,
+    `should_load_extra_state_pickle`) and raises otherwise: every resume and every load of a
+    trained model would fail. Current scaling (`tensorwise`) has no extra state to reload."""
+    _require(not (cfg.precision.fp8 and cfg.precision.fp8_recipe == "delayed"), "precision.fp8_recipe",
+             "'delayed' scaling stores FP8 amax histories as a pickle that Transformer Engine >= 2.18 "
+             "refuses to load by default, so resuming or loading the checkpoint fails; use "
+             "'tensorwise' (current scaling: no FP8 state to save or reload)")
+
+
 def validate(cfg: Config) -> None:
     _check_positive(cfg)
     _check_slurm(cfg)
@@ -577,6 +625,7 @@ def validate(cfg: Config) -> None:
     _check_eval(cfg)
     _require(not cfg.precision.fp8 or cfg.precision.params_dtype == "bfloat16",
              "precision.fp8", "FP8 training runs with bfloat16 params (set precision.params_dtype)")
+    _check_fp8_recipe(cfg)
     _require(cfg.train.logprob_kernel == "off" or cfg.parallel.tensor_model_parallel_size == 1,
              "train.logprob_kernel", "the log-prob kernel needs the whole vocabulary on one rank "
              "(tensor_model_parallel_size 1); use 'off' (megatron's vocab-parallel cross entropy)")

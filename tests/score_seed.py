@@ -14,8 +14,9 @@ from megatron_selfreward.data.seed import load_builtin_seed
 from megatron_selfreward.io import write_jsonl
 from megatron_selfreward.records import SFTExample
 
-# What the tiny preset needs on top to learn the format reliably (about 15 s of SFT).
-SCORE_SFT_OVERRIDES = ["sft.max_steps=200", "sft.lr=3e-3", "sft.min_lr=3e-4"]
+# What the tiny preset needs on top to learn the format reliably (about 15 s of SFT). The model
+# then writes its own scores, so the paper's judge runs: nothing forced (judge.force_score off).
+SCORE_SFT_OVERRIDES = ["sft.max_steps=200", "sft.lr=3e-3", "sft.min_lr=3e-4", "judge.force_score=false"]
 
 
 def write_score_seed(directory: Path) -> Path:

@@ -24,9 +24,31 @@ from __future__ import annotations
 import abc
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 FinishReason = Literal["stop", "length", "eos"]
+
+
+@dataclass(frozen=True)
+class Followup:
+    """A continuation the engine writes after a sample's own end, in the same KV cache.
+
+    When the sample ends by EOS or by reaching max_new_tokens, and `skip_if(text)` is false
+    (or unset): the final EOS is dropped, `token_ids` are fed as if the model had written them,
+    then up to `max_new_tokens` more tokens are drawn (from `allowed_token_ids` alone when
+    given). A sample ended by a stop token or stop string gets none. Used by judge.force_score:
+    a verdict without a score gets the score cue and one score token, with no second prefill of
+    the prompt and the verdict.
+    """
+
+    token_ids: tuple[int, ...]
+    max_new_tokens: int
+    allowed_token_ids: tuple[int, ...] = ()
+    skip_if: Callable[[str], bool] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.token_ids or self.max_new_tokens < 1:
+            raise ValueError("Followup needs token_ids and max_new_tokens >= 1")
 
 
 @dataclass
@@ -39,6 +61,10 @@ class SamplingParams:
     stop_strings: generation stops once the decoded text contains one; the text is cut before it
         (needs a tokenizer). stop_token_ids: extra token ids that end a sample ("stop"); the
         engine's EOS ids end it with "eos".
+    allowed_token_ids: when given, every generated token is drawn from these ids alone (the
+        distribution renormalised over them, as vLLM's option of the same name); log-probs stay
+        those of the unmodified distribution.
+    followup: see `Followup` (engines that cannot continue in place refuse it).
     """
 
     temperature: float = 1.0
@@ -49,6 +75,8 @@ class SamplingParams:
     seed: int | None = None
     stop_strings: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    allowed_token_ids: list[int] = field(default_factory=list)
+    followup: Followup | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -63,6 +91,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
         if any(not s for s in self.stop_strings):
             raise ValueError("SamplingParams.stop_strings must not contain empty strings")
+        if any(t < 0 for t in self.allowed_token_ids):
+            raise ValueError(f"SamplingParams.allowed_token_ids must be token ids >= 0, got {self.allowed_token_ids}")
 
     @property
     def greedy(self) -> bool:
@@ -89,12 +119,15 @@ class Sample:
         actually emitted. text: the decoded continuation without that EOS / stop token and cut
         before the first stop string; "" until someone with a tokenizer fills it.
     logprobs: one per token in token_ids, under the unmodified distribution (module docstring).
+    followup_at: where a `Followup` begins in token_ids (None: the sample got none); its text
+        is appended to the sample's own text.
     """
 
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: FinishReason
     text: str = ""
+    followup_at: int | None = None
 
 
 @dataclass

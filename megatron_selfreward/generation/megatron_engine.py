@@ -93,9 +93,19 @@ class _Row:
     params: SamplingParams
     max_new_tokens: int
     seed: int
+    # Cache columns the row may use: max_new_tokens, plus room for its Followup when it fits.
+    capacity: int = 0
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    # Followup state: where it starts in token_ids, how the own part ended, tokens still to feed.
+    followup_at: int | None = None
+    own_finish: FinishReason | None = None
+    forced: list[int] = field(default_factory=list)
+
+    @property
+    def in_followup_draw(self) -> bool:
+        return self.followup_at is not None and not self.forced
 
 
 def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
@@ -124,7 +134,7 @@ def _right_aligned(prompts: Sequence[tuple[int, ...]], start: int, width: int, d
 
 _STAT_KEYS = (
     "requests", "samples", "micro_batches", "prefill_tokens_requested", "prefill_tokens_computed",
-    "prefill_pad_tokens", "decode_tokens", "decode_row_steps", "decode_steps",
+    "prefill_pad_tokens", "decode_tokens", "decode_row_steps", "decode_steps", "followups",
     "prefill_time_s", "decode_time_s",
 )
 
@@ -221,11 +231,19 @@ class MegatronEngine(GenerationEngine):
             if min(prompt) < 0 or max(prompt) >= self.runner.vocab_size:
                 raise ValueError(f"request {request.request_id!r}: token id outside the vocabulary "
                                  f"[0, {self.runner.vocab_size})")
+            if any(t >= self.runner.vocab_size for t in params.allowed_token_ids):
+                raise ValueError(f"request {request.request_id!r}: allowed_token_ids outside the "
+                                 f"vocabulary [0, {self.runner.vocab_size})")
+            if params.followup is not None and params.followup.skip_if is not None and self.tokenizer is None:
+                raise ValueError(f"request {request.request_id!r}: a Followup with skip_if needs a "
+                                 "tokenizer; pass tokenizer= to MegatronEngine")
             # Generation stops at the model's context length ("length") rather than failing.
-            max_new = min(params.max_new_tokens, self.max_seq_len - len(prompt))
+            room = self.max_seq_len - len(prompt)
+            max_new = min(params.max_new_tokens, room)
+            extra = len(params.followup.token_ids) + params.followup.max_new_tokens if params.followup else 0
             for j in range(params.n):
                 seed = sample_seed(params.seed, j, engine_seed=self.seed, request_id=request.request_id)
-                rows.append(_Row(index, j, prompt, params, max_new, seed))
+                rows.append(_Row(index, j, prompt, params, max_new, seed, min(max_new + extra, room)))
         return rows
 
     def _micro_batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
@@ -278,7 +296,7 @@ class MegatronEngine(GenerationEngine):
         prompts = list(unique)
         shared = shared_prefix_len(prompts) if self.prefix_reuse and len(prompts) > 1 else 0
         width = max(len(p) for p in prompts) - shared
-        max_len = shared + width + max(row.max_new_tokens for row in batch)
+        max_len = shared + width + max(row.capacity for row in batch)
         layers = len(self.runner.layers)
         device = self.runner.device
         cache = KVCache(len(prompts), max_len, layers, device)
@@ -309,14 +327,30 @@ class MegatronEngine(GenerationEngine):
         positions = torch.tensor([len(row.prompt) for row in batch], dtype=torch.long, device=device)
         step = 0
         while True:
-            temperature, top_k, top_p, uniforms = params
+            temperature, top_k, top_p, uniforms, allowed = params
+            mask = self._step_mask([batch[index] for index in live], allowed)
             with torch._C.DisableTorchFunction():  # plain torch ops (see MegatronRunner)
-                tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, uniforms[:, step])
+                tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, uniforms[:, step], mask)
             tokens, logprobs = self._sync_tensor_parallel(tokens, logprobs)
             token_list, logprob_list = tokens.tolist(), logprobs.tolist()  # one device sync
+            fed: dict[int, int] = {}  # cache row -> the token it is fed instead of the sampled one
             for k, index in enumerate(live):
-                if batch[index].finish_reason is None:
-                    self._append(batch[index], token_list[k], logprob_list[k])
+                row = batch[index]
+                if row.finish_reason is not None:
+                    continue
+                if row.forced:
+                    fed[k] = token_list[k] = row.forced.pop(0)
+                    logprob_list[k] = _logprob(logits[k], token_list[k])
+                self._append(row, token_list[k], logprob_list[k])
+                if row.finish_reason is not None and self._start_followup(row):
+                    if row.own_finish == "eos":  # the cue takes the end-of-turn token's place
+                        fed[k] = token_list[k] = row.forced.pop(0)
+                        row.token_ids.append(token_list[k])
+                        row.logprobs.append(_logprob(logits[k], token_list[k]))
+            if fed:
+                index = torch.tensor(list(fed), dtype=torch.long, device=tokens.device)
+                tokens = tokens.index_copy(0, index, torch.tensor(list(fed.values()), dtype=tokens.dtype,
+                                                                  device=tokens.device))
             alive = [k for k, index in enumerate(live) if batch[index].finish_reason is None]
             if not alive:
                 return
@@ -334,18 +368,34 @@ class MegatronEngine(GenerationEngine):
 
     def _row_tensors(self, batch: list[_Row]) -> tuple[torch.Tensor, ...]:
         """Per-row temperature, top_k, top_p and the row's uniforms for every step."""
-        steps = max(row.max_new_tokens for row in batch)
+        steps = max(row.capacity for row in batch)
         uniforms = torch.zeros(len(batch), steps, dtype=torch.float64)
         for k, row in enumerate(batch):
             if not row.params.greedy:
                 gen = torch.Generator().manual_seed(row.seed)
                 uniforms[k, : row.max_new_tokens] = torch.rand(row.max_new_tokens, generator=gen,
                                                                dtype=torch.float64)
+                # A followup's draws continue the same stream: the own part is unchanged by it.
+                extra = row.capacity - row.max_new_tokens
+                uniforms[k, row.max_new_tokens: row.capacity] = torch.rand(extra, generator=gen,
+                                                                           dtype=torch.float64)
         temperature = torch.tensor([row.params.temperature for row in batch], dtype=torch.float32)
         top_k = torch.tensor([row.params.top_k for row in batch], dtype=torch.long)
         top_p = torch.tensor([row.params.top_p for row in batch], dtype=torch.float32)
+        allowed = self._allowed_mask(batch)
         # Uniforms come from CPU generators: the same samples on any device.
-        return tuple(t.to(self.runner.device) for t in (temperature, top_k, top_p, uniforms))
+        return tuple(t.to(self.runner.device) for t in (temperature, top_k, top_p, uniforms, allowed))
+
+    def _allowed_mask(self, batch: list[_Row]) -> torch.Tensor:
+        """[rows, vocab] bool of the tokens each row may draw; [rows, 0] when no row is limited."""
+        if not any(row.params.allowed_token_ids for row in batch):
+            return torch.ones(len(batch), 0, dtype=torch.bool)
+        mask = torch.ones(len(batch), self.runner.vocab_size, dtype=torch.bool)
+        for k, row in enumerate(batch):
+            if row.params.allowed_token_ids:
+                mask[k] = False
+                mask[k, list(row.params.allowed_token_ids)] = True
+        return mask
 
     def _sync_tensor_parallel(self, tokens: torch.Tensor, logprobs: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,10 +412,50 @@ class MegatronEngine(GenerationEngine):
 
     # -- stopping and text --------------------------------------------------------------------
 
+    def _step_mask(self, rows: list[_Row], allowed: torch.Tensor) -> torch.Tensor | None:
+        """This step's [rows, vocab] mask of drawable tokens: the requests' allowed_token_ids,
+        and a Followup's while a row draws its followup tokens; None when nothing is limited."""
+        drawing = [k for k, row in enumerate(rows) if row.in_followup_draw
+                   and row.params.followup is not None and row.params.followup.allowed_token_ids]
+        if not drawing:
+            return allowed if allowed.shape[1] else None
+        mask = (allowed.clone() if allowed.shape[1] else
+                torch.ones(len(rows), self.runner.vocab_size, dtype=torch.bool, device=allowed.device))
+        for k in drawing:
+            mask[k] = False
+            mask[k, list(rows[k].params.followup.allowed_token_ids)] = True  # type: ignore[union-attr]
+        return mask
+
+    def _start_followup(self, row: _Row) -> bool:
+        """At the end of a row's own part: begin its Followup if it has one that applies and fits."""
+        f = row.params.followup
+        if f is None or row.followup_at is not None or row.finish_reason not in ("eos", "length"):
+            return False
+        own = row.token_ids[:-1] if row.finish_reason == "eos" else row.token_ids
+        if len(own) + len(f.token_ids) + f.max_new_tokens > row.capacity:
+            return False  # no room left in the context: the sample stays as it is
+        if f.skip_if is not None and f.skip_if(self.decode_text(row.token_ids, row.finish_reason, row.params)):
+            return False
+        row.own_finish, row.finish_reason = row.finish_reason, None
+        if row.own_finish == "eos":
+            row.token_ids.pop()
+            row.logprobs.pop()
+        row.followup_at, row.forced = len(row.token_ids), list(f.token_ids)
+        self._stats["followups"] += 1
+        return True
+
     def _append(self, row: _Row, token: int, logprob: float) -> None:
         row.token_ids.append(token)
         row.logprobs.append(logprob)
         self._stats["decode_tokens"] += 1
+        if row.followup_at is not None:  # a Followup ends by EOS or its own budget only
+            f = row.params.followup
+            assert f is not None
+            if not row.forced and token in self.eos_token_ids:
+                row.finish_reason = "eos"
+            elif len(row.token_ids) >= row.followup_at + len(f.token_ids) + f.max_new_tokens:
+                row.finish_reason = "length"
+            return
         if token in self.eos_token_ids:
             row.finish_reason = "eos"
         elif token in row.params.stop_token_ids:
@@ -383,8 +473,24 @@ class MegatronEngine(GenerationEngine):
 
     def _to_sample(self, row: _Row) -> Sample:
         assert row.finish_reason is not None
-        sample = Sample(list(row.token_ids), list(row.logprobs), row.finish_reason)
-        if self.tokenizer is not None:
+        sample = Sample(list(row.token_ids), list(row.logprobs), row.finish_reason, followup_at=row.followup_at)
+        if self.tokenizer is None:
+            return sample
+        if row.followup_at is None:
             sample.text = self.decode_text(row.token_ids, row.finish_reason, row.params)
+        else:
+            assert row.own_finish is not None
+            own = row.token_ids[: row.followup_at]
+            rest = row.token_ids[row.followup_at:]
+            if row.finish_reason == "eos":
+                rest = rest[:-1]
+            # The own part decodes as if it had ended there (its EOS was dropped already).
+            sample.text = (self.decode_text(own, "length", row.params)
+                           + self.tokenizer.decode(rest))
         return sample
+
+
+def _logprob(logits: torch.Tensor, token: int) -> float:
+    """log-softmax of one row's raw logits at `token` (a token the engine fed, not drew)."""
+    return float(logits[token] - torch.logsumexp(logits, dim=-1))
 

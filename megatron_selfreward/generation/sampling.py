@@ -87,12 +87,17 @@ def _sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  top_p: torch.Tensor, uniform: torch.Tensor,
+                  allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token per row and its log-probability under the unmodified distribution.
 
     logits [rows, vocab] fp32; temperature 0 = greedy (argmax); top_k 0 = off; top_p 1 = off;
-    uniform [rows] in [0, 1): the row's random number for this step.
+    uniform [rows] in [0, 1): the row's random number for this step; allowed [rows, vocab] bool
+    (optional): the only tokens a row may draw.
     """
+    raw = logits
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     sampled = temperature > 0
     if bool(sampled.all()):  # skip the argmax pass over the vocabulary
         tokens = _sample_rows(logits, temperature, top_k, top_p, uniform)
@@ -101,5 +106,5 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         if bool(sampled.any()):
             idx, rows = _rows_where(sampled, logits, temperature, top_k, top_p, uniform)
             tokens[idx] = _sample_rows(*rows)
-    logprobs = logits.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    logprobs = raw.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
     return tokens, logprobs

@@ -198,6 +198,14 @@ class TRTLLMEngine(GenerationEngine):
         vocab = self.cfg.model.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"request {request.request_id!r}: token id outside the vocabulary [0, {vocab})")
+        if request.params.followup is not None:
+            raise ValueError(f"request {request.request_id!r}: a Followup (continuing a sample in "
+                             "place) is not mapped to TensorRT-LLM; send follow-up requests instead")
+        if request.params.allowed_token_ids:
+            # Its one user is judge.force_score, a deviation for judges too small to follow the
+            # format; the judges TensorRT-LLM serves write their own "Score: x".
+            raise ValueError(f"request {request.request_id!r}: allowed_token_ids is not mapped to "
+                             "TensorRT-LLM; set judge.force_score: false or generation.engine: megatron")
 
     def sampling_params(self, params: SamplingParams, max_new_tokens: int, seed: int) -> Any:
         """TensorRT-LLM's SamplingParams for one sample of a request (see the module docs)."""

@@ -29,6 +29,7 @@ from megatron_selfreward.config import Config, save_resolved
 from megatron_selfreward.io import atomic_write_json
 from megatron_selfreward.megatron.parallel import read_dist_env
 from megatron_selfreward.pipeline.plan import StageSpec, model_dir, spec_fingerprint
+from megatron_selfreward.precision import describe
 from megatron_selfreward.stages.errors import StageError
 from megatron_selfreward.stages.manifest import is_done, manifest_path, write_manifest
 
@@ -78,7 +79,7 @@ class StageContext:
 def _prepare_seed(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
     from megatron_selfreward.stages.seed import run_prepare_seed
 
-    return run_prepare_seed(cfg, spec.outputs)
+    return run_prepare_seed(cfg, spec.outputs, ctx.log)
 
 
 def _import_model(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
@@ -221,8 +222,14 @@ STAGES: dict[str, Callable[[Config, StageSpec, StageContext], dict[str, Any] | N
 # Running
 
 
+def _inputs_missing(spec: StageSpec) -> bool:
+    return any(not path.exists() for path in spec.inputs.values())
+
+
 def stage_done(spec: StageSpec) -> bool:
-    if spec.name in NO_PRECHECK:
+    # A stage whose inputs are not all there has nothing to compare its manifest with; running
+    # it lets the stage say what is missing (the seed loader: what a seed directory must hold).
+    if spec.name in NO_PRECHECK or _inputs_missing(spec):
         return False
     return is_done(spec.output, spec_fingerprint(spec)) and all(p.exists() for p in spec.outputs.values())
 
@@ -234,32 +241,42 @@ def run_stage(cfg: Config, spec: StageSpec, ctx: StageContext) -> bool:
     from megatron_selfreward.perf.memory import PeakMemory
 
     started = time.time()
-    fp = spec_fingerprint(spec)  # of the inputs as they are now, before the stage reads them
+    # Of the inputs as they are now, before the stage reads them (a missing one is the stage's
+    # to report, so only a stage that made do without it is fingerprinted afterwards).
+    fp = None if _inputs_missing(spec) else spec_fingerprint(spec)
     with PeakMemory(interval_s=0.2) as meter:
         counts = STAGES[spec.name](cfg, spec, ctx)
     # None: the stage wrote its own manifest (or a launched sub-process did). Rank 0 writes.
     env = read_dist_env()
     if env.rank != 0:
         return True
+    facts = {"memory": meter.result(), "precision": precision_record(cfg)}
     if counts is not None:
-        write_manifest(spec.output, spec.name, fp, counts, started,
+        write_manifest(spec.output, spec.name, fp or spec_fingerprint(spec), counts, started,
                        {"iteration": spec.iteration, "processes": env.world_size, "launcher": env.launcher,
-                        "memory": meter.result()})
+                        **facts})
     else:
-        _add_memory(spec, meter.result())
+        _add_facts(spec, facts)
     return True
 
 
-def _add_memory(spec: StageSpec, memory: dict[str, Any]) -> None:
-    """A stage that wrote its own manifest: add this process's peak memory during the stage."""
+def precision_record(cfg: Config) -> dict[str, str]:
+    """The weight dtype a stage ran with and, when `auto` chose it, why."""
+    prec = cfg.precision
+    return {"params_dtype": prec.params_dtype, "choice": prec.dtype_choice or "set in the config"}
+
+
+def _add_facts(spec: StageSpec, facts: dict[str, Any]) -> None:
+    """A stage that wrote its own manifest: add this process's peak memory during the stage and
+    the precision it ran with (a manifest that has them already keeps its own)."""
     path = manifest_path(spec.output)
     try:
         manifest = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return  # nothing written (e.g. a worker that did not gather)
-    if "memory" not in manifest:
-        manifest["memory"] = memory
-        atomic_write_json(path, manifest)
+    missing = {k: v for k, v in facts.items() if k not in manifest}
+    if missing:
+        atomic_write_json(path, {**manifest, **missing})
 
 
 def _eta(spent_s: float, cost_done: float, cost_left: float) -> str:
@@ -276,6 +293,7 @@ def run_local(cfg: Config, stages: list[StageSpec], log: Log = print) -> dict[st
     run_dir = Path(cfg.pipeline.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir)
+    log(f"precision: {describe(cfg)}")
     started = time.time()
     ran, skipped = [], []
     spent, cost_done = 0.0, 0.0

@@ -18,14 +18,14 @@ joins the plan when `megatron_selfreward.report` exists (it is written separatel
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from megatron_selfreward.config import Config, ConfigError
-from megatron_selfreward.stages.manifest import fingerprint, manifest_path
+from megatron_selfreward.data.oasst import IFT_FRACTION
+from megatron_selfreward.stages.manifest import fingerprint, listing_digest, manifest_path
 from megatron_selfreward.stages.respond import judge_params, sampling_params
 
 SEED_FILES = ("ift", "ranked_train", "eft_eval", "eval_prompts")
@@ -63,15 +63,6 @@ def iter_dir(run_dir: Path, t: int) -> Path:
     return run_dir / f"iter{t}"
 
 
-def _listing(directory: Path) -> str:
-    """Names, sizes and modification times of a directory's files: cheap even for 140 GB."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(directory)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def spec_fingerprint(spec: StageSpec) -> dict[str, Any]:
     """Content hashes of the inputs + params. A model directory of the run counts by its
     manifest (which fingerprints how it was made); a directory from outside the run (a user's
@@ -82,7 +73,7 @@ def spec_fingerprint(spec: StageSpec) -> dict[str, Any]:
         if path.is_dir() and manifest.is_file():
             inputs[name] = manifest
         elif path.is_dir():
-            listings[name] = _listing(path)
+            listings[name] = listing_digest(path)
         else:
             inputs[name] = path
     params = {**spec.params, "input_dir_listings": listings} if listings else spec.params
@@ -102,13 +93,10 @@ def has_report() -> bool:
 
 
 def _import_spec(cfg: Config, run_dir: Path) -> StageSpec:
-    # Mirrors run_import_model's own fingerprint, so a finished import shows as done.
-    from megatron_selfreward.stages.import_model import resolve_model_path
+    # run_import_model's own fingerprint parts, so a finished import shows as done.
+    from megatron_selfreward.stages.import_model import import_inputs
 
-    m = cfg.model
-    source = resolve_model_path(m.path) if m.source != "random" else None
-    inputs = {"source": source} if source and source.is_file() else {}
-    params = {"source": m.source, "path": str(source or ""), "seed": cfg.pipeline.seed}
+    _, inputs, params = import_inputs(cfg)
     return StageSpec("import_model", 0, inputs, {"model": model_dir(run_dir, 0)}, params=params)
 
 
@@ -130,9 +118,19 @@ def _seed_stages(cfg: Config, run_dir: Path) -> list[StageSpec]:
     d = cfg.data
     files = {name: seed / f"{name}.jsonl" for name in SEED_FILES}
     source = Path(d.seed).expanduser() if d.seed != "builtin" else None
-    prepare = StageSpec("prepare_seed", 0, {"seed": source} if source else {}, files,
-                        params={"seed": d.seed, "eft_eval_fraction": d.eft_eval_fraction,
-                                "split_seed": cfg.pipeline.seed})
+    inputs: dict[str, Path] = {"seed": source} if source else {}
+    params: dict[str, Any] = {"seed": d.seed, "eft_eval_fraction": d.eft_eval_fraction,
+                              "split_seed": cfg.pipeline.seed}
+    if d.oasst_export:
+        export = Path(d.oasst_export).expanduser()
+        if not export.is_file():
+            problem = "is a directory" if export.is_dir() else "does not exist"
+            raise ConfigError(f"config key 'data.oasst_export': {export} {problem} (give the Open "
+                              "Assistant *.trees.jsonl or *.trees.jsonl.gz export file)")
+        # An input, hashed by content: an edited or re-downloaded export rebuilds the seed.
+        inputs["oasst_export"] = export
+        params["oasst_ift_fraction"] = IFT_FRACTION
+    prepare = StageSpec("prepare_seed", 0, inputs, files, params=params)
     stages = [prepare, _import_spec(cfg, run_dir)]
     m0, judge = model_dir(run_dir, 0), _eft_judge_dir(cfg, run_dir)
     sft = _optim_params(cfg, "sft")
@@ -163,7 +161,8 @@ def _optim_params(cfg: Config, section: str) -> dict[str, Any]:
 def _prompt_params(cfg: Config) -> dict[str, Any]:
     import dataclasses
 
-    return {**dataclasses.asdict(cfg.generation.prompts), "seed": cfg.pipeline.seed}
+    return {**dataclasses.asdict(cfg.generation.prompts), "seed": cfg.pipeline.seed,
+            "dtype": cfg.precision.params_dtype}
 
 
 def _iteration_stages(cfg: Config, run_dir: Path, t: int) -> list[StageSpec]:

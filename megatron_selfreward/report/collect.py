@@ -56,6 +56,7 @@ class StageTiming:
     counts: dict[str, Any]
     finished_at: str = ""
     memory: dict[str, Any] | None = None  # the manifest's peak memory, when its writer recorded it
+    precision: dict[str, Any] | None = None  # the weight dtype the stage ran with, and why
 
     @property
     def finished_epoch_s(self) -> float | None:
@@ -160,14 +161,15 @@ def _stages(data: RunData) -> None:
         if not isinstance(manifest, dict):
             continue
         label = _rel(data.run_dir, path)[: -len(".manifest.json")]
-        engine, memory = manifest.get("engine"), manifest.get("memory")
+        engine, memory, precision = manifest.get("engine"), manifest.get("memory"), manifest.get("precision")
         data.stages.append(StageTiming(
             label=label, stage=str(manifest.get("stage", "?")),
             wall_time_s=manifest.get("wall_time_s") if isinstance(manifest.get("wall_time_s"), (int, float)) else None,
             engine=engine if isinstance(engine, dict) and engine else None,
             counts=manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {},
             finished_at=str(manifest.get("finished_at", "")),
-            memory=memory if isinstance(memory, dict) and memory else None))
+            memory=memory if isinstance(memory, dict) and memory else None,
+            precision=precision if isinstance(precision, dict) and precision else None))
     # Run order by start (finish - wall time): finish times have 1 s resolution, and a stage
     # with sub-stages (evaluate) starts before them though it finishes after.
     data.stages.sort(key=lambda s: (s.started_epoch_s or 0.0, s.label))

@@ -32,6 +32,7 @@ from megatron_selfreward.perf.accounting import (
 )
 from megatron_selfreward.report import plots
 from megatron_selfreward.report.collect import RunData, collect, generation_throughput, training_throughput
+from megatron_selfreward.report.warnings import degenerate_outputs, precision_lines
 from megatron_selfreward.stages.manifest import write_manifest
 
 __all__ = ["PAPER_TABLE4", "write_report", "load_run_config"]
@@ -113,8 +114,17 @@ def _header(data: RunData) -> list[str]:
             ("models", ", ".join(data.models) or "none"),
             ("wall time", f"{stage_total:,.1f} s in {len(top)} stage(s) with manifests"
                           + (f"; {elapsed:,.0f} s from the first start to the last finish" if elapsed else "")),
+            ("precision", "; ".join(precision_lines(data)) or NA),
             ("written", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))]
     return [f"# Self-rewarding run report: {data.run_dir.name}", ""] + _table(["", ""], rows)
+
+
+def _warnings(data: RunData) -> list[str]:
+    found = degenerate_outputs(data)
+    lines = ["## Warnings: degenerate outputs", ""]
+    if not found:
+        return lines + ["None: every stage's output has the size and quality the checks ask for.", ""]
+    return lines + [f"- **{w}**" for w in found] + [""]
 
 
 def _missing(data: RunData) -> list[str]:
@@ -130,16 +140,19 @@ def _judge_health(data: RunData, report_dir: Path) -> list[str]:
     if not healthy:
         return lines + _not_available("no iter<t>/judgements.jsonl")
     rows, warnings = [], []
+    counts = {s.label: s.counts for s in data.stages}
     for it in healthy:
         h = it.health
+        forced = counts.get(f"iter{it.number}/judgements", {}).get("forced_score_samples")
         rows.append((f"iter{it.number}", h.get("judged_by", NA), h["num_judgements"],
                      f"{h['sample_failures']}/{h['num_samples']} ({_pct(h['sample_failure_rate'])})",
+                     NA if forced is None else f"{forced}/{h['num_samples']}",
                      h["judgements_all_failed"], _pct(h["tie_rate"]),
                      f"{h['prompts_paired']}/{h['num_prompts']}", _num(it.counts.get("pairs")),
                      f"{h['dominant_bucket'] or NA} ({_pct(h['dominant_bucket_frac'])})"))
         warnings += [f"- iter{it.number}: {w}" for w in h.get("warnings", [])]
-    lines += _table(["iteration", "judge", "judgements", "failed samples", "all samples failed",
-                     "tie rate", "prompts paired", "pairs written", "top score (share)"], rows)
+    lines += _table(["iteration", "judge", "judgements", "failed samples", "forced scores (judge.force_score)",
+                     "all samples failed", "tie rate", "prompts paired", "pairs written", "top score (share)"], rows)
     if warnings:
         lines += ["Warnings:", ""] + warnings + [""]
     hists = {it.number: it.health["hist_mean_rounded"] for it in healthy}
@@ -337,7 +350,7 @@ def write_report(cfg: Config | None, run_dir: Path, *, peak: Peak | None = None)
         "conventions": conventions(), "peak": asdict(peak) if peak else None,
         "stages": stage_rows, "generation": gen_rows, "training": train_rows,
         "memory": {"run": memory, "stages": {r["stage"]: r["memory"] for r in stage_rows if r["memory"]}}})
-    lines = _header(data) + _missing(data)
+    lines = _header(data) + _warnings(data) + _missing(data)
     lines += _judge_health(data, report_dir) + _pairs(data, report_dir)
     lines += _reward_model(data, report_dir) + _head_to_head(data, report_dir) + _lengths(data)
     lines += _training(data, report_dir, train_rows) + _stage_times(data, report_dir)

@@ -44,7 +44,7 @@ from megatron_selfreward.judging.parse import judgement_from_outputs
 from megatron_selfreward.judging.prompt import load_template, render_judge_prompt
 from megatron_selfreward.records import Judgement, PreferencePair, Prompt, RankedPrompt, Response
 from megatron_selfreward.stages.manifest import fingerprint, is_done, manifest_path, write_manifest
-from megatron_selfreward.stages.respond import SCORE_CUE, force_scores
+from megatron_selfreward.stages.respond import SCORE_CUE, force_scores, judge_sampling_params
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -93,14 +93,16 @@ def evaluate_params(cfg: Config) -> dict[str, Any]:
             "score_range": [j.score_low, j.score_high], "force_score": j.force_score,
             "head_to_head_prompts": e.head_to_head_prompts,
             "answers": _answer_params(cfg), "pairwise_judge": e.judge, "pairwise_judge_model": e.judge_model,
-            "pairwise_max_new_tokens": e.judge_max_new_tokens, "seed": cfg.pipeline.seed}
+            "pairwise_max_new_tokens": e.judge_max_new_tokens, "seed": cfg.pipeline.seed,
+            "dtype": cfg.precision.params_dtype}
 
 
 def _answer_params(cfg: Config) -> dict[str, Any]:
     e = cfg.eval
     return {"temperature": e.answer_temperature, "top_p": e.answer_top_p,
             "max_new_tokens": e.answer_max_new_tokens or cfg.generation.max_new_tokens,
-            "seed": cfg.pipeline.seed, "chat_template": cfg.model.chat_template}
+            "seed": cfg.pipeline.seed, "chat_template": cfg.model.chat_template,
+            "dtype": cfg.precision.params_dtype}
 
 
 def _load_seed(cfg: Config) -> Any:
@@ -349,7 +351,8 @@ def _rm_judgements(cfg: Config, out_dir: Path, slot: _ModelSlot, model_dir: Path
     fp = fingerprint({"model": _model_input(model_dir), "eft_eval": split_path},
                      {"k": k, "temperature": j.temperature, "top_p": j.top_p, "max_new_tokens": j.max_new_tokens,
                       "template": j.template, "score_range": [j.score_low, j.score_high],
-                      "seed": cfg.pipeline.seed, "force_score": j.force_score})
+                      "seed": cfg.pipeline.seed, "force_score": j.force_score,
+                      "dtype": cfg.precision.params_dtype})
     if is_done(out, fp):
         return out, read_records(out, Judgement)
     started = time.time()
@@ -358,7 +361,7 @@ def _rm_judgements(cfg: Config, out_dir: Path, slot: _ModelSlot, model_dir: Path
              for r in read_records(split_path, RankedPrompt) for i, text in enumerate(r.responses)]
     policy = slot.get(model_dir)
     _reset_stats(policy)
-    params = SamplingParams(temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens, n=k)
+    params = judge_sampling_params(cfg, policy.tokenizer, k)
     requests, too_long = _requests(cfg, policy, [(rid, text) for rid, _, text in items], params)
     samples = {r.request_id: r.samples for r in policy.engine.generate(requests)} if requests else {}
     texts, forced = force_scores(cfg, policy.engine, policy.tokenizer, requests, samples)
@@ -399,7 +402,8 @@ def _head_to_head(cfg: Config, out_dir: Path, judge: Any, judge_fp: dict[str, Pa
     fp = fingerprint({"prompts": prompts_path, "candidate_answers": candidate[1],
                       "baseline_answers": baseline[1], **judge_fp},
                      {"judge": cfg.eval.judge, "judge_model": cfg.eval.judge_model,
-                      "max_new_tokens": cfg.eval.judge_max_new_tokens, "seed": cfg.pipeline.seed})
+                      "max_new_tokens": cfg.eval.judge_max_new_tokens, "seed": cfg.pipeline.seed,
+                      "dtype": cfg.precision.params_dtype})
     if is_done(out, fp):
         from megatron_selfreward.io import read_jsonl
 

@@ -11,13 +11,14 @@ a killed stage continues from its last finished shard and produces the same reco
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 from megatron_selfreward.config import Config
-from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams, engine_rates
+from megatron_selfreward.generation.engine import Followup, GenerationRequest, SamplingParams, engine_rates
 from megatron_selfreward.io import read_records, write_jsonl
 from megatron_selfreward.judging.pairs import build_pair
 from megatron_selfreward.judging.parse import judgement_from_outputs, parse_score
@@ -45,14 +46,15 @@ def sampling_params(cfg: Config) -> dict[str, Any]:
     """The config values sampled responses depend on (the stage fingerprint's params)."""
     g = cfg.generation
     return {"n": g.responses_per_prompt, "temperature": g.temperature, "top_p": g.top_p,
-            "top_k": g.top_k, "max_new_tokens": g.max_new_tokens, "seed": cfg.pipeline.seed}
+            "top_k": g.top_k, "max_new_tokens": g.max_new_tokens, "seed": cfg.pipeline.seed,
+            "dtype": cfg.precision.params_dtype}
 
 
 def judge_params(cfg: Config) -> dict[str, Any]:
     j = cfg.judge
     return {"k": j.samples_per_response, "temperature": j.temperature, "top_p": j.top_p,
             "max_new_tokens": j.max_new_tokens, "template": j.template, "seed": cfg.pipeline.seed,
-            "force_score": j.force_score}
+            "force_score": j.force_score, "dtype": cfg.precision.params_dtype}
 
 
 # Measured on SmolLM2-135M after its own verdict: a bare "Score: " is followed by 100 or 10
@@ -61,31 +63,82 @@ SCORE_CUE = "\nFinal score (an integer from 0 to 5)\nScore: "
 FORCED_MAX_NEW_TOKENS = 4
 
 
+def score_token_ids(tokenizer: Tokenizer, low: float, high: float) -> list[int] | None:
+    """One token id per integer score in [low, high], or None when some score is not a single
+    token of its own (then a forced score is sampled freely and may still fail to parse)."""
+    ids = []
+    for score in range(math.ceil(low), math.floor(high) + 1):
+        tokens = tokenizer.encode(str(score))
+        if len(tokens) != 1 or tokenizer.decode(tokens) != str(score):
+            return None
+        ids.append(tokens[0])
+    return ids if len(set(ids)) == len(ids) else None
+
+
+def _constrained(cfg: Config) -> bool:
+    """Whether the engine draws from allowed_token_ids and continues samples in place (the
+    Megatron engine); TensorRT-LLM gets the plain follow-up requests of force_scores."""
+    return cfg.generation.engine == "megatron"
+
+
+def forced_score_params(cfg: Config, tokenizer: Tokenizer) -> SamplingParams:
+    """How a forced score is drawn: one token among the valid scores, from the judge's own
+    distribution renormalised over them (the number stays the judge's choice, and a 135M judge's
+    "10" or "100" after the cue becomes its preference among 0..5), else a few free tokens."""
+    j = cfg.judge
+    allowed = score_token_ids(tokenizer, j.score_low, j.score_high) if _constrained(cfg) else None
+    if allowed:
+        return SamplingParams(temperature=j.temperature, top_p=j.top_p, max_new_tokens=1,
+                              allowed_token_ids=allowed)
+    return SamplingParams(temperature=j.temperature, top_p=j.top_p, max_new_tokens=FORCED_MAX_NEW_TOKENS)
+
+
+def judge_sampling_params(cfg: Config, tokenizer: Tokenizer, n: int) -> SamplingParams:
+    """The judge's sampling (judge.temperature / top_p / max_new_tokens, n samples). With
+    judge.force_score on the Megatron engine, a verdict without a parseable score is continued
+    in place: the score cue and a forced score follow it in the same KV cache, so nothing is
+    prefilled twice (force_scores then only collects them)."""
+    j = cfg.judge
+    followup = None
+    if j.force_score and _constrained(cfg):
+        forced = forced_score_params(cfg, tokenizer)
+        followup = Followup(tuple(tokenizer.encode(SCORE_CUE)), forced.max_new_tokens,
+                            tuple(forced.allowed_token_ids),
+                            skip_if=lambda text: parse_score(text, j.score_low, j.score_high).ok)
+    return SamplingParams(temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens, n=n,
+                          followup=followup)
+
+
 def force_scores(cfg: Config, engine: Any, tokenizer: Tokenizer, requests: Sequence[GenerationRequest],
                  samples: dict[str, list[Any]]) -> tuple[dict[str, list[str]], int]:
     """Judge texts per request id; with `judge.force_score`, each sample without a parseable
-    score continues its own output after SCORE_CUE (same sampling, a few tokens). Returns the
-    texts and how many samples were continued."""
+    score continues its own output after SCORE_CUE with a score drawn as `forced_score_params`
+    says: in place when the engine did it (`judge_sampling_params`), else as a follow-up
+    request re-reading the prompt and the verdict. Returns the texts and how many samples were
+    continued."""
     j = cfg.judge
     texts = {rid: [s.text for s in outs] for rid, outs in samples.items()}
     if not j.force_score:
         return texts, 0
-    params = SamplingParams(temperature=j.temperature, top_p=j.top_p, max_new_tokens=FORCED_MAX_NEW_TOKENS)
+    in_place = sum(getattr(s, "followup_at", None) is not None for outs in samples.values() for s in outs)
+    params = forced_score_params(cfg, tokenizer)
     cue = tokenizer.encode(SCORE_CUE)
     follow, where = [], []
     for req in requests:
         for i, sample in enumerate(samples.get(req.request_id, [])):
+            if getattr(sample, "followup_at", None) is not None:
+                continue  # continued in place by the engine
             if parse_score(sample.text, j.score_low, j.score_high).ok:
                 continue
             # The end-of-turn token would tell the model its answer is over: continue before it.
             own = sample.token_ids[:-1] if sample.finish_reason == "eos" else sample.token_ids
             ids = list(req.prompt_token_ids) + list(own) + cue
-            if len(ids) + FORCED_MAX_NEW_TOKENS <= cfg.model.max_seq_len:
+            if len(ids) + params.max_new_tokens <= cfg.model.max_seq_len:
                 follow.append(GenerationRequest(f"{req.request_id}-force{i}", ids, params))
                 where.append((req.request_id, i))
     for (rid, i), result in zip(where, engine.generate(follow) if follow else []):
         texts[rid][i] = texts[rid][i] + SCORE_CUE + result.samples[0].text
-    return texts, len(follow)
+    return texts, in_place + len(follow)
 
 
 def _generated(engine: Any, entries: Sequence[tuple[Any, GenerationRequest | None]]
@@ -183,8 +236,7 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
     template = load_template(j.template or None)
     prompt_text = {p.prompt_id: p.text for p in read_records(prompts_path, Prompt)}
     responses = read_records(responses_path, Response)
-    params = SamplingParams(temperature=j.temperature, top_p=j.top_p,
-                            max_new_tokens=j.max_new_tokens, n=j.samples_per_response)
+    params = judge_sampling_params(cfg, tokenizer, j.samples_per_response)
     entries = []
     for r in responses:
         ids = chat_ids(cfg, tokenizer, render_judge_prompt(prompt_text[r.prompt_id], r.text, template))

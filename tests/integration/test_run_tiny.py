@@ -185,3 +185,20 @@ def test_sampling_split_over_two_torchrun_ranks_equals_one_process(tiny_run, tmp
     assert [r.to_dict() for r in two] == [r.to_dict() for r in one] and len(one) == 16
     assert manifest["engine"]["workers"] == 2 and manifest["engine"]["shards_computed"] == 4
     assert manifest["engine"]["samples"] == 16  # summed over both ranks
+
+
+@pytest.mark.slow
+def test_quick_preset_completes_with_its_forced_scores_marked(tmp_path):
+    # The built-in seed cannot teach a 2-layer random model to write "Score: x": the tiny
+    # preset forces every score (judge.force_score), and the run says so instead of stopping.
+    run_dir = tmp_path / "run"
+    proc = selfreward("run", "--config", "tiny", f"pipeline.run_dir={run_dir}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (run_dir / "models" / "M2" / "megatron" / "metadata.json").is_file()
+    judged = json.loads((run_dir / "iter1" / "judgements.manifest.json").read_text())["counts"]
+    assert judged["forced_score_samples"] == judged["judge_samples"] == 48  # 4 prompts x 4 x 3
+    pairs = json.loads((run_dir / "iter1" / "pairs.manifest.json").read_text())["counts"]["pairs"]
+    assert pairs > 0
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "| 48/48 |" in report  # the forced-scores column of the judge-health table
+    assert f"warning: iter1: only {pairs} preference pairs" in proc.stdout

@@ -128,3 +128,11 @@ def test_base_chain_loop_is_an_error(tmp_path: Path):
     b.write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="loops"):
         load_config(a)
+
+
+def test_fp8_preset_uses_a_recipe_whose_checkpoints_reload():
+    assert load_config(CONFIGS / "llama2_70b_fp8.yaml").precision.fp8_recipe == "tensorwise"
+    with pytest.raises(ConfigError, match=r"precision\.fp8_recipe.*Transformer Engine >= 2\.18"):
+        load_config(CONFIGS / "llama2_70b_fp8.yaml", ["precision.fp8_recipe=delayed"])
+    # Without FP8 the recipe is never used.
+    assert load_config(CONFIGS / "llama2_70b.yaml", ["precision.fp8_recipe=delayed"]).precision.fp8 == ""

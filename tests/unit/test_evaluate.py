@@ -213,8 +213,10 @@ def test_client_rejects_a_reply_that_is_not_a_completion():
 # ---------------------------------------------------------------------------------------------
 # metrics.json of a tiny run: random models (the judge fails to parse, which must be counted)
 
+# The paper's judge (no forced scores): a random model's verdicts then fail to parse.
 TINY_OVERRIDES = ["eval.rm_samples=2", "eval.head_to_head_prompts=3", "data.eft_eval_fraction=0.1",
-                  "judge.max_new_tokens=6", "eval.answer_max_new_tokens=6", "eval.judge_max_new_tokens=4"]
+                  "judge.max_new_tokens=6", "eval.answer_max_new_tokens=6", "eval.judge_max_new_tokens=4",
+                  "judge.force_score=false"]
 RM_KEYS = {"pairwise_accuracy", "five_best_frac", "exact_match_frac", "spearman_mean", "kendall_tau_b_mean",
            "pairs_total", "pairs_evaluated", "pairs_missing_score", "num_instructions"}
 H2H_KEYS = {"candidate", "baseline", "judge", "prompts", "num_comparisons", "judged", "win", "tie", "loss",

@@ -47,8 +47,30 @@ def test_only_unscored_samples_are_continued_before_their_end_of_turn():
 def test_off_by_default_and_too_long_follow_ups_are_left_as_failures():
     request = GenerationRequest("r1", TOK.encode("x" * 60), SamplingParams())
     samples = {"r1": [_sample("no score")]}
-    texts, forced = force_scores(_cfg(), ScriptedEngine("3"), TOK, [request], samples)
+    assert load_config(None).judge.force_score is False  # the paper's judge: no forcing
+    texts, forced = force_scores(_cfg("judge.force_score=false"), ScriptedEngine("3"), TOK, [request], samples)
     assert forced == 0 and texts["r1"] == ["no score"]
     texts, forced = force_scores(_cfg("judge.force_score=true", "model.max_seq_len=64"),
                                  ScriptedEngine("3"), TOK, [request], samples)
     assert forced == 0 and texts["r1"] == ["no score"]
+
+
+def test_forced_score_is_one_token_among_the_valid_scores():
+    from megatron_selfreward.stages.respond import FORCED_MAX_NEW_TOKENS, score_token_ids
+
+    request = GenerationRequest("r1", TOK.encode("judge this"), SamplingParams())
+    engine = ScriptedEngine("2")
+    texts, forced = force_scores(_cfg("judge.force_score=true"), engine, TOK, [request],
+                                 {"r1": [_sample("Rambling")]})
+    (follow,) = engine.seen
+    assert follow.params.max_new_tokens == 1
+    assert sorted(follow.params.allowed_token_ids) == sorted(TOK.encode("012345"))
+    assert texts["r1"] == ["Rambling" + SCORE_CUE + "2"]
+    # A range with a two-token score ("10" is two bytes) cannot be limited to one token each:
+    # the score is then sampled freely for a few tokens, and may still fail to parse.
+    assert score_token_ids(TOK, 0, 10) is None
+    engine = ScriptedEngine("7")
+    force_scores(_cfg("judge.force_score=true", "judge.score_high=10"), engine, TOK, [request],
+                 {"r1": [_sample("Rambling")]})
+    assert engine.seen[0].params.allowed_token_ids == []
+    assert engine.seen[0].params.max_new_tokens == FORCED_MAX_NEW_TOKENS

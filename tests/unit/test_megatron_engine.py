@@ -234,6 +234,89 @@ def test_logprobs_are_under_the_unmodified_distribution(tiny) -> None:
             tokens.append(token)
 
 
+def test_allowed_token_ids_limit_draws_not_logprobs(tiny) -> None:
+    cfg, model = tiny
+    prompts = prompts_with_shared_head([5, 3, 7], seed=9)
+    allowed = [11, 57, 300, 301]
+    engine = MegatronEngine(model, cfg)
+    limited = SamplingParams(temperature=1.5, max_new_tokens=6, n=4, seed=2, allowed_token_ids=allowed)
+    free = GenerationRequest("free", prompts[2], sampled(n=2, seed=2))
+    results = engine.generate(requests_for(prompts[:2], limited) + [free])
+    drawn = [t for r in results[:2] for s in r.samples for t in s.token_ids]
+    assert set(drawn) <= set(allowed) and len(set(drawn)) > 1
+    # The unlimited row of the same micro-batch draws from the whole vocabulary.
+    assert not set(t for s in results[2].samples for t in s.token_ids) <= set(allowed)
+    greedy_limited = engine.generate([GenerationRequest("g", prompts[0], SamplingParams(
+        temperature=0.0, max_new_tokens=1, allowed_token_ids=allowed))])[0].samples[0]
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompts[0]]), torch.arange(len(prompts[0]))[None], attention_mask=None)
+    raw = torch.log_softmax(logits[0, -1].float(), -1)
+    best = max(allowed, key=lambda t: float(raw[t]))
+    assert greedy_limited.token_ids == [best]
+    assert abs(greedy_limited.logprobs[0] - float(raw[best])) < 1e-4  # the unmodified distribution
+    with pytest.raises(ValueError, match="allowed_token_ids outside the vocabulary"):
+        engine.generate([GenerationRequest("x", prompts[0], SamplingParams(allowed_token_ids=[VOCAB]))])
+
+
+def test_followup_continues_in_place_and_equals_a_second_prefill(tiny) -> None:
+    """A followup after the sample's own end gives what a new request over prompt + own tokens
+    + cue would give (greedy), without prefilling them again; skip_if and room are honoured."""
+    from megatron_selfreward.generation.engine import Followup
+    from megatron_selfreward.tokenizer import ByteTokenizer
+
+    cfg, model = tiny
+    tok = ByteTokenizer(VOCAB)
+    cue = tuple(tok.encode("\nScore: "))
+    digits = tuple(tok.encode("012345"))
+    prompts = prompts_with_shared_head([5, 8], seed=11)
+    engine = MegatronEngine(model, cfg, tokenizer=tok)
+    follow = Followup(cue, 2, digits)
+    results = engine.generate(requests_for(prompts, SamplingParams(temperature=0.0, max_new_tokens=6,
+                                                                   followup=follow)))
+    for prompt, result in zip(prompts, results):
+        (sample,) = result.samples
+        own = sample.token_ids[: sample.followup_at]
+        assert sample.followup_at == len(own) == 6 and sample.finish_reason == "length"
+        assert tuple(sample.token_ids[6:6 + len(cue)]) == cue
+        score = sample.token_ids[6 + len(cue):]
+        assert len(score) == 2 and set(score) <= set(digits)
+        # The same continuation from scratch: prompt + own + cue prefilled, digits only.
+        again = engine.generate([GenerationRequest("x", list(prompt) + own + list(cue), SamplingParams(
+            temperature=0.0, max_new_tokens=2, allowed_token_ids=list(digits)))])[0].samples[0]
+        assert again.token_ids == score
+        assert max(abs(a - b) for a, b in zip(again.logprobs, sample.logprobs[6 + len(cue):])) < 1e-4
+        assert sample.text == tok.decode(own) + "\nScore: " + tok.decode(score)
+    assert engine.stats["followups"] == 2
+    # skip_if: a sample whose own text already satisfies it gets no followup.
+    skipped = engine.generate([GenerationRequest("s", prompts[0], SamplingParams(
+        temperature=0.0, max_new_tokens=6, followup=Followup(cue, 2, digits, skip_if=lambda text: True)))])
+    assert skipped[0].samples[0].followup_at is None and len(skipped[0].samples[0].token_ids) == 6
+    # No room in the context: the sample stays as it is.
+    tight = load_config(CONFIGS / "tiny.yaml", ["model.init_std=0.1", f"model.max_seq_len={len(prompts[0]) + 8}"])
+    short = MegatronEngine(model, tight, tokenizer=tok).generate([GenerationRequest("t", prompts[0], SamplingParams(
+        temperature=0.0, max_new_tokens=6, followup=follow))])[0].samples[0]
+    assert short.followup_at is None and len(short.token_ids) == 6
+
+
+def test_followup_after_eos_replaces_the_end_of_turn(tiny) -> None:
+    from megatron_selfreward.generation.engine import Followup
+    from megatron_selfreward.tokenizer import ByteTokenizer
+
+    cfg, model = tiny
+    (prompt,) = prompts_with_shared_head([6], seed=12)
+    first = MegatronEngine(model, cfg).generate([GenerationRequest("a", prompt, greedy(1))])[0].samples[0]
+    eos = first.token_ids[0]  # the greedy first token, declared the end of turn
+    tok = ByteTokenizer(VOCAB)
+    engine = MegatronEngine(model, cfg, tokenizer=tok, eos_token_ids=[eos])
+    cue = (65, 66, 67)
+    sample = engine.generate([GenerationRequest("b", prompt, SamplingParams(
+        temperature=0.0, max_new_tokens=5, followup=Followup(cue, 1)))])[0].samples[0]
+    assert sample.followup_at == 0 and tuple(sample.token_ids[:3]) == cue  # no EOS before the cue
+    again = engine.generate([GenerationRequest("c", list(prompt) + list(cue), greedy(1))])[0].samples[0]
+    assert sample.token_ids[3:] == again.token_ids
+    assert len(sample.token_ids) == 4 and len(sample.logprobs) == 4
+
+
 class CharTokenizer:
     """Renders token t as '<t>': stop strings then align with token boundaries by design."""
 
@@ -455,3 +538,15 @@ def test_smollm2_greedy_equals_transformers(tmp_path: Path) -> None:
     assert sample.token_ids == expected
     assert "Paris" in sample.text
     assert all(math.isfinite(lp) and lp <= 0 for lp in sample.logprobs)
+
+
+def test_softmax_scale_comes_from_the_config_not_the_attention_module(tiny, monkeypatch) -> None:
+    cfg, model = tiny
+    cores = [layer.self_attention.core_attention for layer in model.decoder.layers]
+    megatron_scale = cores[0].softmax_scale
+    for core in cores:  # as on Transformer Engine's DotProductAttention (2.3 and newer)
+        monkeypatch.delattr(core, "softmax_scale")
+    assert MegatronRunner(model, VOCAB).softmax_scale == pytest.approx(megatron_scale)
+    assert megatron_scale == pytest.approx(1 / math.sqrt(model.config.kv_channels))
+    monkeypatch.setattr(model.config, "softmax_scale", 0.3)
+    assert MegatronRunner(model, VOCAB).softmax_scale == 0.3

@@ -247,3 +247,50 @@ def test_peak_is_measured_once_per_run_dir(tmp_path):
     assert calls[0]["dtype"] is __import__("torch").bfloat16
     other = cached_peak(cache, "float32", measure=fake_measure)  # another dtype: measured anew
     assert other.flop_s_per_device == 2.0e9 and other.dtype == "float32"
+
+
+def _eft_manifest(run_dir: Path, examples: int, failures: dict[str, int], samples: int = 36) -> None:
+    write_manifest(run_dir / "seed" / "eft_train.jsonl", "build_eft", {"inputs": {}, "params": {}},
+                   {"ranked_prompts": 12, "judge_samples": samples, "examples": examples,
+                    "parse_failures": failures}, time.time() - 1.0,
+                   {"precision": {"params_dtype": "float32", "choice": "auto: CPU 'AMD EPYC' has no native bf16"}})
+
+
+def _warnings_section(text: str) -> str:
+    return text.split("## Warnings: degenerate outputs")[1].split("\n## ")[0]
+
+
+def test_report_warns_in_words_about_degenerate_outputs(full_run):
+    run_dir, _ = full_run
+    _eft_manifest(run_dir, examples=0, failures={"out_of_range": 20, "missing": 2})
+    # iter3: half of the judge samples unparsed, and no pair at all.
+    _iteration(run_dir, 3, [["Score: 4", "Score: 9"], ["no score", "Score: 2"]])
+    write_jsonl(run_dir / "iter3" / "pairs.jsonl", [])
+    text = write_report(load_config(run_dir / "config.yaml"), run_dir).read_text()
+    warnings = _warnings_section(text)
+    assert "build_eft wrote 0 EFT examples from 12 ranked prompts" in warnings
+    assert "build_eft: 22 of 36 judge samples had no parseable score (61% > 30%)" in warnings
+    assert "iter1: only 1 preference pairs (fewer than 32)" in warnings
+    assert "iter3: only 0 preference pairs" in warnings
+    assert "iter3: 2 of 4 judge samples had no parseable score (50% > 30%)" in warnings
+    assert "iter1: 1 of 5" not in warnings  # 20%: under the threshold
+    assert "DPO -> M2: 3 optimizer step(s) (fewer than 4)" in warnings
+    assert "SFT -> M1" not in warnings  # 5 steps
+    # The precision the stages ran with, from their manifests.
+    assert "| precision | float32 (auto: CPU 'AMD EPYC' has no native bf16) |" in text
+
+
+def test_report_of_a_healthy_run_has_no_warnings(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"pipeline.run_dir={run_dir}"])
+    save_resolved(cfg, run_dir)
+    _eft_manifest(run_dir, examples=9, failures={"out_of_range": 3})
+    scores = [[f"Score: {1 + i % 2 * 3}"] for i in range(80)]
+    _iteration(run_dir, 1, scores)
+    prompts = [Prompt(f"p{i}", f"instruction {i}") for i in range(40)]
+    write_jsonl(run_dir / "iter1" / "pairs.jsonl",
+                [PreferencePair(p.prompt_id, p.text, "good", "bad", 4.0, 1.0) for p in prompts])
+    _training(run_dir / "models" / "M1", 6, dpo=False)
+    _training(run_dir / "models" / "M2", 4, dpo=True)
+    text = write_report(cfg, run_dir).read_text()
+    assert "None: every stage's output has the size and quality the checks ask for." in _warnings_section(text)

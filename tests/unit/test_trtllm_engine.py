@@ -287,6 +287,14 @@ def test_max_tokens_is_clamped_to_the_context_and_bad_prompts_are_refused(monkey
         engine.generate([GenerationRequest("x", [1, 600], SamplingParams())])
 
 
+def test_allowed_token_ids_are_refused_not_ignored(monkeypatch, tmp_path):
+    fake = FakeTRTLLM().install(monkeypatch)
+    engine = _engine(fake, tmp_path)
+    with pytest.raises(ValueError, match="judge.force_score: false"):
+        engine.generate([GenerationRequest("x", [1, 2], SamplingParams(allowed_token_ids=[3, 4]))])
+    assert fake.generate_calls == []
+
+
 def test_trtllm_gets_token_ids_only_and_stop_strings_stay_ours(monkeypatch, tmp_path):
     fake = FakeTRTLLM().install(monkeypatch)
     model_dir = _hf_model_dir(tmp_path)
