@@ -63,12 +63,7 @@ def _load(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from megatron_selfreward.pipeline.run import run
 
-    from megatron_selfreward.report.collect import collect
-    from megatron_selfreward.report.warnings import degenerate_outputs
-
-    cfg = _load(args)
-    summary = run(cfg)
-    summary["warnings"] = degenerate_outputs(collect(cfg, Path(summary["run_dir"])))
+    summary = run(_load(args))
     print(format_summary(summary))
     return 0
 

@@ -104,8 +104,13 @@ class _Row:
     forced: list[int] = field(default_factory=list)
 
     @property
-    def in_followup_draw(self) -> bool:
-        return self.followup_at is not None and not self.forced
+    def drawable(self) -> tuple[int, ...]:
+        """The only tokens this row may draw now (empty: any): its request's allowed_token_ids,
+        or its Followup's once the Followup's own tokens are fed."""
+        if self.followup_at is None:
+            return tuple(self.params.allowed_token_ids)
+        assert self.params.followup is not None
+        return self.params.followup.allowed_token_ids
 
 
 def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
@@ -327,8 +332,8 @@ class MegatronEngine(GenerationEngine):
         positions = torch.tensor([len(row.prompt) for row in batch], dtype=torch.long, device=device)
         step = 0
         while True:
-            temperature, top_k, top_p, uniforms, allowed = params
-            mask = self._step_mask([batch[index] for index in live], allowed)
+            temperature, top_k, top_p, uniforms = params
+            mask = self._step_mask([batch[index] for index in live])
             with torch._C.DisableTorchFunction():  # plain torch ops (see MegatronRunner)
                 tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, uniforms[:, step], mask)
             tokens, logprobs = self._sync_tensor_parallel(tokens, logprobs)
@@ -339,14 +344,12 @@ class MegatronEngine(GenerationEngine):
                 if row.finish_reason is not None:
                     continue
                 if row.forced:
-                    fed[k] = token_list[k] = row.forced.pop(0)
-                    logprob_list[k] = _logprob(logits[k], token_list[k])
-                self._append(row, token_list[k], logprob_list[k])
-                if row.finish_reason is not None and self._start_followup(row):
-                    if row.own_finish == "eos":  # the cue takes the end-of-turn token's place
-                        fed[k] = token_list[k] = row.forced.pop(0)
-                        row.token_ids.append(token_list[k])
-                        row.logprobs.append(_logprob(logits[k], token_list[k]))
+                    fed[k] = self._append_forced(row, logits[k])
+                else:
+                    self._append(row, token_list[k], logprob_list[k])
+                # A sample ended by EOS: the Followup's first token takes the EOS's place.
+                if row.finish_reason is not None and self._start_followup(row) and row.own_finish == "eos":
+                    fed[k] = self._append_forced(row, logits[k])
             if fed:
                 index = torch.tensor(list(fed), dtype=torch.long, device=tokens.device)
                 tokens = tokens.index_copy(0, index, torch.tensor(list(fed.values()), dtype=tokens.dtype,
@@ -382,20 +385,8 @@ class MegatronEngine(GenerationEngine):
         temperature = torch.tensor([row.params.temperature for row in batch], dtype=torch.float32)
         top_k = torch.tensor([row.params.top_k for row in batch], dtype=torch.long)
         top_p = torch.tensor([row.params.top_p for row in batch], dtype=torch.float32)
-        allowed = self._allowed_mask(batch)
         # Uniforms come from CPU generators: the same samples on any device.
-        return tuple(t.to(self.runner.device) for t in (temperature, top_k, top_p, uniforms, allowed))
-
-    def _allowed_mask(self, batch: list[_Row]) -> torch.Tensor:
-        """[rows, vocab] bool of the tokens each row may draw; [rows, 0] when no row is limited."""
-        if not any(row.params.allowed_token_ids for row in batch):
-            return torch.ones(len(batch), 0, dtype=torch.bool)
-        mask = torch.ones(len(batch), self.runner.vocab_size, dtype=torch.bool)
-        for k, row in enumerate(batch):
-            if row.params.allowed_token_ids:
-                mask[k] = False
-                mask[k, list(row.params.allowed_token_ids)] = True
-        return mask
+        return tuple(t.to(self.runner.device) for t in (temperature, top_k, top_p, uniforms))
 
     def _sync_tensor_parallel(self, tokens: torch.Tensor, logprobs: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,19 +403,24 @@ class MegatronEngine(GenerationEngine):
 
     # -- stopping and text --------------------------------------------------------------------
 
-    def _step_mask(self, rows: list[_Row], allowed: torch.Tensor) -> torch.Tensor | None:
-        """This step's [rows, vocab] mask of drawable tokens: the requests' allowed_token_ids,
-        and a Followup's while a row draws its followup tokens; None when nothing is limited."""
-        drawing = [k for k, row in enumerate(rows) if row.in_followup_draw
-                   and row.params.followup is not None and row.params.followup.allowed_token_ids]
-        if not drawing:
-            return allowed if allowed.shape[1] else None
-        mask = (allowed.clone() if allowed.shape[1] else
-                torch.ones(len(rows), self.runner.vocab_size, dtype=torch.bool, device=allowed.device))
-        for k in drawing:
+    def _step_mask(self, rows: list[_Row]) -> torch.Tensor | None:
+        """This step's [rows, vocab] bool mask of the tokens each row may draw (`_Row.drawable`);
+        None when no row is limited, the usual case."""
+        limited = [(k, row.drawable) for k, row in enumerate(rows) if row.drawable]
+        if not limited:
+            return None
+        mask = torch.ones(len(rows), self.runner.vocab_size, dtype=torch.bool)
+        for k, ids in limited:
             mask[k] = False
-            mask[k, list(rows[k].params.followup.allowed_token_ids)] = True  # type: ignore[union-attr]
-        return mask
+            mask[k, list(ids)] = True
+        return mask.to(self.runner.device)
+
+    def _append_forced(self, row: _Row, logits: torch.Tensor) -> int:
+        """Append the next of the row's Followup tokens (fed, not drawn) with its log-prob under
+        this step's raw logits; returns it, the token the row is fed next."""
+        token = row.forced.pop(0)
+        self._append(row, token, float(logits[token] - torch.logsumexp(logits, dim=-1)))
+        return token
 
     def _start_followup(self, row: _Row) -> bool:
         """At the end of a row's own part: begin its Followup if it has one that applies and fits."""
@@ -488,9 +484,3 @@ class MegatronEngine(GenerationEngine):
             sample.text = (self.decode_text(own, "length", row.params)
                            + self.tokenizer.decode(rest))
         return sample
-
-
-def _logprob(logits: torch.Tensor, token: int) -> float:
-    """log-softmax of one row's raw logits at `token` (a token the engine fed, not drew)."""
-    return float(logits[token] - torch.logsumexp(logits, dim=-1))
-

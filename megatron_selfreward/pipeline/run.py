@@ -31,6 +31,8 @@ def run(cfg: Config, log: Any = print) -> dict[str, Any]:
     summary["judge"] = {"responses": judge.get("responses", 0), "judge_samples": judge.get("judge_samples", 0),
                         "parse_failures": judge.get("parse_failures", {}), **judge}
     summary["pairs"] = _counts(last / "pairs.jsonl").get("pairs", 0)
+    # Degenerate outputs, as the report (the plan's last stage) found them.
+    summary["warnings"] = _counts(Path(cfg.pipeline.run_dir) / "report" / "report.md").get("warnings", [])
     return summary
 
 

@@ -119,8 +119,7 @@ def _header(data: RunData) -> list[str]:
     return [f"# Self-rewarding run report: {data.run_dir.name}", ""] + _table(["", ""], rows)
 
 
-def _warnings(data: RunData) -> list[str]:
-    found = degenerate_outputs(data)
+def _warnings(found: list[str]) -> list[str]:
     lines = ["## Warnings: degenerate outputs", ""]
     if not found:
         return lines + ["None: every stage's output has the size and quality the checks ask for.", ""]
@@ -350,7 +349,8 @@ def write_report(cfg: Config | None, run_dir: Path, *, peak: Peak | None = None)
         "conventions": conventions(), "peak": asdict(peak) if peak else None,
         "stages": stage_rows, "generation": gen_rows, "training": train_rows,
         "memory": {"run": memory, "stages": {r["stage"]: r["memory"] for r in stage_rows if r["memory"]}}})
-    lines = _header(data) + _warnings(data) + _missing(data)
+    warnings = degenerate_outputs(data)
+    lines = _header(data) + _warnings(warnings) + _missing(data)
     lines += _judge_health(data, report_dir) + _pairs(data, report_dir)
     lines += _reward_model(data, report_dir) + _head_to_head(data, report_dir) + _lengths(data)
     lines += _training(data, report_dir, train_rows) + _stage_times(data, report_dir)
@@ -358,6 +358,7 @@ def write_report(cfg: Config | None, run_dir: Path, *, peak: Peak | None = None)
     out = report_dir / "report.md"
     atomic_write_text(out, "\n".join(lines).rstrip("\n") + "\n")
     write_manifest(out, "report", {"inputs": {}, "params": {}},
-                   {"missing": len(data.missing), "plots": len(list((report_dir / "plots").glob("*.png")))},
+                   {"missing": len(data.missing), "plots": len(list((report_dir / "plots").glob("*.png"))),
+                    "warnings": warnings},
                    started)
     return out

@@ -120,13 +120,13 @@ def force_scores(cfg: Config, engine: Any, tokenizer: Tokenizer, requests: Seque
     texts = {rid: [s.text for s in outs] for rid, outs in samples.items()}
     if not j.force_score:
         return texts, 0
-    in_place = sum(getattr(s, "followup_at", None) is not None for outs in samples.values() for s in outs)
+    in_place = sum(s.followup_at is not None for outs in samples.values() for s in outs)
     params = forced_score_params(cfg, tokenizer)
     cue = tokenizer.encode(SCORE_CUE)
     follow, where = [], []
     for req in requests:
         for i, sample in enumerate(samples.get(req.request_id, [])):
-            if getattr(sample, "followup_at", None) is not None:
+            if sample.followup_at is not None:
                 continue  # continued in place by the engine
             if parse_score(sample.text, j.score_low, j.score_high).ok:
                 continue
