@@ -3,7 +3,9 @@
 ref:  1 process, TP=1: build the tiny model, save it as a distributed checkpoint, generate a
       fixed set of requests (greedy and seeded sampling, shared prefix, n > 1), write tp1.json.
 tp2:  2 processes, TP=2: load that checkpoint (resharded on load), generate the same requests on
-      the direct path and on the Megatron-module path; every rank writes its own results.
+      the direct path and on the Megatron-module path; then the same with a model built for
+      training with sequence parallelism, handed to the engine as it is (its sequence
+      parallelism must be back on afterwards); every rank writes its own results.
 """
 
 from __future__ import annotations
@@ -66,6 +68,16 @@ def main() -> None:
         out = {"direct_path": engine.runner.direct is not None, "direct": run(engine)}
         engine.runner.direct = None  # the Megatron-module path, with its own TP communication
         out["modules"] = run(engine)
+        sp_cfg = load_config(None, BASE + ["parallel.tensor_model_parallel_size=2",
+                                           "parallel.sequence_parallel=true"])
+        sp_model = build_model(sp_cfg)
+        load_model(sp_model, args.out / "init")
+        engine = MegatronEngine(sp_model, sp_cfg)
+        out["sp_direct"] = run(engine)
+        engine.runner.direct = None
+        out["sp_modules"] = run(engine)
+        out["sp_restored"] = sorted({m.sequence_parallel for m in sp_model.modules()
+                                     if hasattr(m, "sequence_parallel")}) + [sp_model.config.sequence_parallel]
         (args.out / f"tp2_rank{env.rank}.json").write_text(json.dumps(out))
     destroy_distributed()
 

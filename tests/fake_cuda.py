@@ -14,6 +14,12 @@ Under torch's FakeTensorMode every tensor is metadata only (shape, dtype, device
 - megatron's RNG tracker `fork()` compares RNG states with `.item()`, which fake tensors refuse:
   it becomes a no-op (dropout masks are not what these tests check).
 
+torch.distributed's *object* collectives (all_gather_object and the like: pickled Python objects,
+which the process group carries as byte tensors of its own making) run outside the mode: the
+checkpoint code exchanges metadata with them, and fake byte tensors cannot be unpickled. So does
+megatron's check of a checkpoint's sharding (`validation.validate_sharding_integrity`, which
+counts shard accesses in host tensors of its own).
+
 A ShapeEnv lets data-dependent shapes through (the loss path selects the masked positions with
 `nonzero`). `backward()` does not run under the mode (the autograd engine asks for a real
 accelerator), so gradient and optimizer placement is checked on their buffers instead.
@@ -61,6 +67,36 @@ class FakeCuda:
             torch.set_default_device(None)
 
 
+_OBJECT_COLLECTIVES = ("all_gather_object", "gather_object", "broadcast_object_list",
+                       "scatter_object_list")
+
+
+@contextlib.contextmanager
+def _host_bookkeeping_outside_the_mode() -> Iterator[None]:
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    def outside(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
+        return call
+
+    from megatron.core.dist_checkpointing import validation
+
+    targets = [(dist, name) for name in _OBJECT_COLLECTIVES]
+    targets.append((validation, "validate_sharding_integrity"))
+    saved = [(owner, name, getattr(owner, name)) for owner, name in targets]
+    try:
+        for owner, name, func in saved:
+            setattr(owner, name, outside(func))
+        yield
+    finally:
+        for owner, name, func in saved:
+            setattr(owner, name, func)
+
+
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[FakeCuda]:
     """Fake CUDA for the duration; call inside megatron's parallel state (single_process_world)."""
@@ -80,7 +116,8 @@ def fake_cuda() -> Iterator[FakeCuda]:
     torch.cuda.current_device = lambda: FakeCuda.device  # a bare index fails: no accelerator
     tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()) as mode:
+        with _host_bookkeeping_outside_the_mode(), \
+                FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()) as mode:
             yield FakeCuda(mode)
     finally:
         cpu_compat.redirect_cuda_to_cpu, torch.cuda.current_device = saved[0], saved[1]
@@ -88,6 +125,30 @@ def fake_cuda() -> Iterator[FakeCuda]:
             del tracker.fork
         else:
             tracker.fork = saved[2]
+
+
+def host_reads(monkeypatch: Any, token: int = 0, answer: bool = True) -> None:
+    """Answers for reads of a fake tensor's values into Python, which it does not have: code on a
+    GPU reads them with a device sync. `tolist()` (the engine's sampled tokens and log-probs, once
+    per decode step) gives `token` per row (0.0 if floating point); `bool()` (the sampler's
+    branches: any row sampled, any with top-k/top-p) gives `answer` (True takes the sampling
+    branches, False the greedy ones); `float()` and `item()` (a fed Followup token's log-prob,
+    megatron's reading of Adam's step count) give 0."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    real = {name: getattr(torch.Tensor, name) for name in ("__bool__", "__float__", "item")}
+
+    def answering(name: str, value: Callable[[torch.Tensor], Any]) -> Callable:
+        def read(self: torch.Tensor) -> Any:
+            return value(self) if isinstance(self, FakeTensor) else real[name](self)
+        return read
+
+    monkeypatch.setattr(FakeTensor, "tolist",
+                        lambda self: [0.0 if self.is_floating_point() else token] * int(self.shape[0]))
+    monkeypatch.setattr(torch.Tensor, "__bool__", answering("__bool__", lambda t: answer))
+    monkeypatch.setattr(torch.Tensor, "__float__", answering("__float__", lambda t: 0.0))
+    monkeypatch.setattr(torch.Tensor, "item", answering(
+        "item", lambda t: 0.0 if t.is_floating_point() else 0))
 
 
 def devices(tree: Any) -> set[torch.device]:

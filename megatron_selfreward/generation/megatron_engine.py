@@ -273,12 +273,13 @@ class MegatronEngine(GenerationEngine):
 
     @contextlib.contextmanager
     def _inference_mode(self) -> Iterator[None]:
-        """Eval mode (no dropout) for the duration, restoring the trainer's mode afterwards."""
+        """Eval mode (no dropout) and no sequence parallelism for the duration, restoring the
+        trainer's settings afterwards."""
         model = self.runner.model
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.runner.sequence_parallel_off():
                 yield
         finally:
             model.train(was_training)

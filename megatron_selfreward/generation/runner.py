@@ -222,11 +222,6 @@ class MegatronRunner:
                 "MegatronEngine runs with pipeline_model_parallel_size=1 only; generate with a "
                 "PP=1 copy of the model (checkpoints reshard on load) or use the TRT-LLM engine"
             )
-        if conf.sequence_parallel:
-            raise NotImplementedError(
-                "MegatronEngine needs a model built with parallel.sequence_parallel=false "
-                "(decode steps feed one token per row, which cannot be split over TP ranks)"
-            )
         if self.model.position_embedding_type != "rope" or conf.rotary_interleaved:
             raise NotImplementedError("MegatronEngine supports non-interleaved RoPE models only")
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -250,6 +245,27 @@ class MegatronRunner:
         self.softmax_scale = softmax_scale(conf)
         self.vocab_size = vocab_size
         self.kernels = self._use_kernels(kernels)
+
+    @contextlib.contextmanager
+    def sequence_parallel_off(self):
+        """The model without sequence parallelism for the duration, restored afterwards.
+
+        A decode step feeds one token per row, which cannot be split over TP ranks, so a model
+        trained with sequence parallelism (a trainer's model handed to the engine) generates
+        with it switched off, through megatron's own `set_model_to_sequence_parallel`
+        (megatron.core.transformer.utils; megatron's text_generation_controller uses it the
+        same way). Only activations change: weights are the same with and without it.
+        """
+        if not self.model.config.sequence_parallel:
+            yield
+            return
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        set_model_to_sequence_parallel(self.model, False)
+        try:
+            yield
+        finally:
+            set_model_to_sequence_parallel(self.model, True)
 
     def _use_kernels(self, mode: str) -> bool:
         """Whether decode steps run the C++ kernels (generation.cpu_kernels: auto, on, off)."""
@@ -441,6 +457,11 @@ class MegatronRunner:
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, token_valid: torch.Tensor,
                 cache: KVCache) -> torch.Tensor:
         """Append [b, s] tokens to the cache; return the logits [b, vocab] of the last column."""
+        with self.sequence_parallel_off():  # no-op inside MegatronEngine.generate: already off
+            return self._forward(tokens, positions, token_valid, cache)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, token_valid: torch.Tensor,
+                 cache: KVCache) -> torch.Tensor:
         start, steps = cache.length, tokens.shape[1]
         cache.valid[:, start : start + steps] = token_valid
         # The embedding module handles TP (vocab-parallel lookup + all-reduce).

@@ -2,7 +2,8 @@
 
 The tiny model is saved once at TP=1 as a Megatron distributed checkpoint and loaded at TP=2
 (resharded on load). Greedy and seeded-sampled outputs must be token-for-token equal, on both
-TP ranks, through the direct path and through the Megatron-module path.
+TP ranks, through the direct path and through the Megatron-module path, also from a model built
+for training with sequence parallelism, whose sequence parallelism is back on afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def test_tp2_generation_equals_tp1(tmp_path: Path) -> None:
     ranks = [json.loads((tmp_path / f"tp2_rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1], "TP ranks must decode identically"
     assert ranks[0]["direct_path"], "the tiny Llama runs the direct path at TP=2"
-    for path in ("direct", "modules"):
+    assert ranks[0]["sp_restored"] == [True, True]
+    for path in ("direct", "modules", "sp_direct", "sp_modules"):
         got = ranks[0][path]
         assert set(got) == set(reference)
         for request_id, samples in reference.items():

@@ -16,7 +16,7 @@ from megatron_selfreward.data.sft_data import prepare_sft
 from megatron_selfreward.records import SFTExample
 from megatron_selfreward.tokenizer import ByteTokenizer
 from tests.conftest import CONFIGS
-from tests.fake_cuda import FakeCuda, devices, fake_cuda
+from tests.fake_cuda import FakeCuda, devices, fake_cuda, host_reads
 from tests.unit.test_dpo_loss import make_pairs
 
 pytestmark = pytest.mark.fake_cuda
@@ -96,3 +96,123 @@ def test_report_sums_live_where_the_process_group_needs_them(monkeypatch, cuda_m
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: reduced.append(tensor))
     total = reduce_report_sums(reports, "lm_loss", 2)
     assert [t.device for t in reduced] == [FakeCuda.device] and total.device == FakeCuda.device
+
+
+@pytest.mark.parametrize("prompts, temperature, followup", [
+    pytest.param([[5, 6, 7, 8], [5, 6, 9]], 0.7, False, id="distinct-sampled"),
+    # A long shared prefix: prefilled once into a one-row cache, then copied to every row.
+    pytest.param([[3] * 140 + [4], [3] * 140 + [6, 7]], 0.0, False, id="shared-prefix-greedy"),
+    # judge.force_score's path: cue tokens fed after the sample's own end, then one drawn token.
+    pytest.param([[5, 6, 7, 8], [5, 6, 9]], 0.7, True, id="followup"),
+])
+def test_engine_prefill_and_decode_steps_run_on_the_model_device(monkeypatch, cfg, cuda_model,
+                                                                 prompts, temperature, followup):
+    from megatron_selfreward.generation.engine import Followup, GenerationRequest, SamplingParams
+    from megatron_selfreward.generation.megatron_engine import MegatronEngine
+    from megatron_selfreward.generation.runner import KVCache
+
+    caches: list[KVCache] = []
+    real_write = KVCache.write
+
+    def write(self, layer, key, value, start):
+        caches.append(self)
+        return real_write(self, layer, key, value, start)
+
+    monkeypatch.setattr(KVCache, "write", write)
+    host_reads(monkeypatch, token=65, answer=temperature > 0)
+    engine = MegatronEngine(cuda_model, cfg, tokenizer=TOK, eos_token_ids=[TOK.eos_token_id])
+    assert engine.runner.device == FakeCuda.device and not engine.runner.kernels
+    cue = Followup(token_ids=(83, 58), max_new_tokens=1, allowed_token_ids=tuple(range(48, 54)))
+    params = SamplingParams(temperature=temperature, top_p=0.9, max_new_tokens=3, n=2,
+                            allowed_token_ids=list(range(60, 70)), followup=cue if followup else None)
+    results = engine.generate([GenerationRequest(f"r{i}", p, params) for i, p in enumerate(prompts)])
+    written = [65] * 3 + ([83, 58, 65] if followup else [])
+    assert [s.token_ids for r in results for s in r.samples] == [written] * 4
+    stats = engine.stats
+    assert stats["decode_steps"] == len(written) - 1 and stats["prefill_tokens_computed"] > 0
+    assert caches and devices([c.valid for c in caches] + [k for c in caches for k in c.keys]) == CUDA
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(cfg, tmp_path_factory):
+    """A real distributed checkpoint of the tiny model, written from host memory."""
+    from megatron_selfreward.megatron.checkpoint import save_model
+    from megatron_selfreward.megatron.model import build_model
+    from megatron_selfreward.megatron.parallel import single_process_world
+
+    warnings.filterwarnings("ignore")
+    directory = tmp_path_factory.mktemp("ckpt") / "model"
+    with single_process_world(seed=7):
+        save_model(build_model(cfg), directory)
+    return directory
+
+
+def test_checkpoint_loads_into_a_cuda_model(cuda_model, saved_checkpoint):
+    from megatron_selfreward.megatron.checkpoint import load_model
+
+    before = {name: p._version for name, p in cuda_model.named_parameters()}
+    load_model(cuda_model, saved_checkpoint)
+    assert devices(list(cuda_model.parameters())) == CUDA
+    assert all(p._version > before[name] for name, p in cuda_model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def saved_train_state(cfg, tmp_path_factory):
+    """A real training checkpoint (weights, distributed-optimizer state after one step) of the
+    tiny model, written from host memory."""
+    from megatron_selfreward.megatron.checkpoint import save_train_state
+    from megatron_selfreward.megatron.parallel import single_process_world
+    from megatron_selfreward.megatron.training import build_train_state
+
+    warnings.filterwarnings("ignore")
+    directory = tmp_path_factory.mktemp("train") / "step_1"
+    with single_process_world(seed=7):
+        state = build_train_state(cfg, cfg.sft, total_steps=2)
+        for param in state.model[0].parameters():
+            param.main_grad.fill_(0.01)
+        state.optimizer.step()
+        save_train_state(state.model, state.optimizer, directory, {"step": 1})
+    return directory
+
+
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    """The tensors torch's Adam updates: its parameters (megatron's fp32 main copies under the
+    distributed optimizer), their grads and the Adam state."""
+    from megatron_selfreward.megatron.checkpoint import _inner_optimizers
+
+    out: list[torch.Tensor] = []
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                out.append(param)
+                out += [param.grad] if param.grad is not None else []
+                out += [t for t in inner.state.get(param, {}).values() if torch.is_tensor(t)]
+    return out
+
+
+def test_gradients_and_optimizer_state_live_on_the_model_device(monkeypatch, cfg, cuda_model,
+                                                                saved_train_state):
+    """backward() and the optimizer step cannot run on fake tensors: what they write to is
+    checked instead. megatron DDP's gradient buffers (what backward accumulates into and the
+    DP all-reduce reads), the distributed optimizer's fp32 main parameters and grads, the Adam
+    state a resumed run loads, and the `step` counts torch's fused Adam reads."""
+    from megatron_selfreward.megatron.checkpoint import load_train_state
+    from megatron_selfreward.megatron.training import build_train_state
+
+    state = build_train_state(cfg, cfg.sft, total_steps=2, model=cuda_model)
+    ddp = state.model[0]
+    buffers = [b.grad_data for b in ddp.buffers] + [b.param_data for b in ddp.buffers
+                                                    if b.param_data is not None]
+    assert buffers and devices(buffers) == CUDA
+    assert devices([p.main_grad for p in ddp.parameters()]) == CUDA
+    from megatron_selfreward.megatron import checkpoint
+
+    host_reads(monkeypatch)  # megatron reads Adam's `step` counts with .item()
+    # RNG states are host byte tensors (torch.set_rng_state needs their values): recorded only.
+    restored: list[dict] = []
+    monkeypatch.setattr(checkpoint, "set_rng_state", restored.append)
+    trainer_state = load_train_state(state.model, state.optimizer, saved_train_state)
+    assert [sorted(r) for r in restored] == [["cpu", "tracker"]]
+    assert trainer_state["step"] == 1
+    tensors = _optimizer_tensors(state.optimizer)
+    assert len(tensors) > 3 * len(list(cuda_model.parameters())) and devices(tensors) == CUDA
