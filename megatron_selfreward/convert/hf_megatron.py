@@ -44,6 +44,7 @@ from megatron_selfreward.convert.hf_checkpoint import (
     write_hf_weights,
 )
 from megatron_selfreward.convert.llama_map import (
+    checkpoint_tensor_name,
     config_from_hf,
     hf_config_from_model,
     hf_tensor_shapes,
@@ -156,66 +157,36 @@ class _LastTensorCache:
 
 def _lazy_sources(layout: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple, tuple]]:
     """Build factories (fc1) and map each checkpoint shard (key, global offset) to
-    (megatron module tensor name, view geometry inside that tensor or None for all of it)."""
+    (llama_map tensor name, view geometry inside that tensor or None for all of it).
+
+    Names come from the shard's checkpoint key, not from the module state key, so they are the
+    same whichever layer spec (local or Transformer Engine) built the layout."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     flat: dict[str, Any] = {}
     sources: dict[tuple, tuple] = {}
     for state_key, entry in layout.items():
-        name = state_key[len(MODEL_PREFIX):]
         if isinstance(entry, ShardedTensorFactory):
             # The factory's shards are views of the (meta) parameter: keep their geometry.
             built = entry.build()
             for shard in built:
                 geometry = (tuple(shard.data.shape), shard.data.stride(), shard.data.storage_offset())
-                sources[(shard.key, tuple(shard.global_offset))] = (name, geometry)
+                sources[(shard.key, tuple(shard.global_offset))] = (
+                    checkpoint_tensor_name(shard, MODEL_PREFIX), geometry)
             flat[state_key] = built
         else:
             if isinstance(entry, ShardedTensor):
-                sources[(entry.key, tuple(entry.global_offset))] = (name, None)
+                sources[(entry.key, tuple(entry.global_offset))] = (
+                    checkpoint_tensor_name(entry, MODEL_PREFIX), None)
             flat[state_key] = entry
     return flat, sources
 
 
 def _streaming_strategy(resolve: Callable[[str, tuple], torch.Tensor]) -> Any:
     """A torch_dist save strategy whose tensors are produced when written, one at a time."""
-    import torch.distributed.checkpoint as dcp
-    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.planner import WriteItemType
+    from megatron_selfreward.megatron.internals import streaming_save_strategy
 
-    class LazyPlanner(MCoreSavePlanner):
-        def resolve_data(self, write_item: Any) -> Any:
-            if write_item.type == WriteItemType.BYTE_IO:
-                return super().resolve_data(write_item)
-            tensor = resolve(write_item.index.fqn, tuple(write_item.index.offset))
-            return tensor.reshape(write_item.tensor_data.chunk.sizes)
-
-    class StreamingSave(SaveShardedStrategy):
-        def __init__(self) -> None:
-            super().__init__("torch_dist", 1)  # the format megatron's default loader reads
-
-        @property
-        def can_handle_sharded_objects(self) -> bool:
-            return True
-
-        def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
-            grouped, _, _ = _replace_state_dict_keys_with_sharded_keys(
-                sharded_state_dict, keep_only_main_replica=True)
-            writer = dcp.FileSystemWriter(checkpoint_dir, single_file_per_rank=False,
-                                          thread_count=1, sync_files=True)
-            planner = LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
-            try:
-                dcp.save(mcore_to_pyt_state_dict(grouped, False), storage_writer=writer, planner=planner)
-            except CheckpointException as err:
-                raise _unwrap(err) from None
-
-    return StreamingSave()
+    return streaming_save_strategy(resolve, on_failure=_unwrap)
 
 
 def _unwrap(err: BaseException) -> BaseException:
@@ -287,8 +258,9 @@ _LAYER_KEY = re.compile(r"decoder\.layers\.(\d+)\.")
 
 
 class _LayerReader:
-    """Full megatron tensors by name, read from the checkpoint one layer (or one non-layer
-    tensor) at a time; only the current group is kept."""
+    """Full megatron tensors by (llama_map) name, read from the checkpoint one layer (or one
+    non-layer tensor) at a time; only the current group is kept. Names come from checkpoint keys,
+    so any layer spec's layout reads any checkpoint."""
 
     def __init__(self, ckpt_dir: Path, layout: dict[str, Any], num_layers: int) -> None:
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -296,10 +268,10 @@ class _LayerReader:
         self.ckpt_dir = ckpt_dir
         self.num_layers = num_layers
         self.groups: dict[str, dict[str, Any]] = {}
-        for state_key, entry in layout.items():
+        for entry in layout.values():
             if isinstance(entry, (ShardedTensor, ShardedTensorFactory)):
-                name = state_key[len(MODEL_PREFIX):]
-                self.groups.setdefault(self._group(name), {})[state_key] = entry
+                name = checkpoint_tensor_name(entry, MODEL_PREFIX)
+                self.groups.setdefault(self._group(name), {})[name] = entry
         self._current: tuple[str, dict[str, torch.Tensor]] | None = None
 
     @staticmethod
@@ -322,12 +294,12 @@ class _LayerReader:
 
         match = _LAYER_KEY.match(group)
         request = {}
-        for state_key, entry in self.groups[group].items():
+        for name, entry in self.groups[group].items():
             if match is None:
-                request[state_key] = dataclasses.replace(entry, data=torch.empty_like(entry.data, device="cpu"))
+                request[name] = dataclasses.replace(entry, data=torch.empty_like(entry.data, device="cpu"))
                 continue
             slab = torch.empty((1, *entry.data.shape), dtype=entry.data.dtype)
-            request[state_key] = ShardedTensor.from_rank_offsets(
+            request[name] = ShardedTensor.from_rank_offsets(
                 entry.key, slab, (0, int(match.group(1)), self.num_layers))
         return request
 
@@ -343,7 +315,7 @@ class _LayerReader:
         except (Exception, CheckpointException) as err:  # noqa: BLE001 - name the dir whatever it is
             raise ConversionError(f"{self.ckpt_dir}: cannot read {group!r}: {_unwrap(err)}") from err
         layer = _LAYER_KEY.match(group) is not None
-        return {k[len(MODEL_PREFIX):]: v[0] if layer else v for k, v in loaded.items()}
+        return {name: v[0] if layer else v for name, v in loaded.items()}
 
 
 def _checkpoint_dtype(ckpt_dir: Path) -> torch.dtype:

@@ -17,9 +17,14 @@ against `transformers.LlamaForCausalLM` in tests/unit/test_convert_llama.py):
 - RoPE: both sides rotate halves (HF's rotate_half, megatron's rotary_interleaved=False), so
   q/k rows need no permutation.
 
-Tensors are named by Megatron *module* names (`decoder.layers.3.mlp.linear_fc1.weight`), with
-global layer indices; `megatron_selfreward/convert/hf_megatron.py` maps them onto checkpoint
-keys through megatron's own `sharded_state_dict`.
+Tensors are named by megatron's distributed-checkpoint names with the global layer index put
+back (`decoder.layers.3.mlp.linear_fc1.weight`): those do not depend on the layer spec. The
+Transformer Engine spec fuses each pre-norm into the next linear
+(`self_attention.linear_qkv.layer_norm_weight`, `mlp.linear_fc1.layer_norm_weight`); the local
+spec's `input_layernorm.weight` / `pre_mlp_layernorm.weight` are saved under those same names.
+`checkpoint_tensor_name` derives a name from a sharded-state-dict entry, `canonical_names` maps a
+model's module names onto them; `megatron_selfreward/convert/hf_megatron.py` maps checkpoint
+shards the same way.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from megatron_selfreward.megatron.model import padded_vocab_size
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "UnsupportedModelError",
+    "canonical_names",
     "check_same_architecture",
+    "checkpoint_tensor_name",
     "config_from_hf",
     "fuse_qkv",
     "hf_config_from_model",
@@ -57,11 +64,14 @@ __all__ = [
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 GetTensor = Callable[[str], torch.Tensor]
 
+# The two pre-norms under their checkpoint names (TE's fused-norm names, see module doc).
+_INPUT_NORM = "self_attention.linear_qkv.layer_norm_weight"
+_PRE_MLP_NORM = "mlp.linear_fc1.layer_norm_weight"
 # Per-layer names, HF -> Megatron, for the tensors that map one to one.
 _LAYER_DIRECT = {
-    "input_layernorm.weight": "input_layernorm.weight",
+    "input_layernorm.weight": _INPUT_NORM,
     "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
-    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
+    "post_attention_layernorm.weight": _PRE_MLP_NORM,
     "mlp.down_proj.weight": "mlp.linear_fc2.weight",
 }
 _QKV = "self_attention.linear_qkv.weight"
@@ -234,12 +244,12 @@ def _layer_range(cfg: Config, layers: range | None) -> range:
 def megatron_names(
     cfg: Config, layers: range | None = None, *, pre_process: bool = True, post_process: bool = True
 ) -> list[str]:
-    """The megatron module tensors a stage holding `layers` has (see module doc on tying)."""
+    """The megatron tensors a stage holding `layers` has (see module doc on names and tying)."""
     names = [EMBEDDING] if pre_process else []
     for i in _layer_range(cfg, layers):
         p = f"decoder.layers.{i}."
-        names += [p + "input_layernorm.weight", p + _QKV, p + _LAYER_DIRECT["self_attn.o_proj.weight"],
-                  p + "pre_mlp_layernorm.weight", p + _FC1, p + "mlp.linear_fc2.weight"]
+        names += [p + _INPUT_NORM, p + _QKV, p + _LAYER_DIRECT["self_attn.o_proj.weight"],
+                  p + _PRE_MLP_NORM, p + _FC1, p + "mlp.linear_fc2.weight"]
     if post_process:
         names.append(FINAL_NORM)
         if not cfg.model.tie_embeddings or not pre_process:
@@ -275,6 +285,47 @@ def hf_names(cfg: Config | ModelConfig) -> list[str]:
 
 _MEGATRON_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# A per-layer checkpoint key: all layers' tensors stacked under one key, no layer index.
+_STACKED_LAYER_KEY = re.compile(r"decoder\.layers\.(?!\d)(.+)")
+
+
+def checkpoint_tensor_name(entry: Any, prefix: str = "") -> str:
+    """Our name for a ShardedTensor (or ShardedTensorFactory) of megatron's sharded state dict.
+
+    That is its distributed-checkpoint key less `prefix`, with the global layer index put back:
+    `TransformerBlock.sharded_state_dict` stacks a per-layer tensor of every layer under one key
+    along a prepended axis 0 (the global offset on it is the layer), and
+    `TransformerLayer.sharded_state_dict` renames keys by its spec's `sharded_state_dict_keys_map`
+    (the local spec's norms onto TE's fused names). The result is the same for every layer spec.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    if isinstance(entry, ShardedTensorFactory):  # the SwiGLU fc1 split: its shards share the key
+        entry = next(iter(nested_values(entry.build())))
+    if not entry.key.startswith(prefix):
+        raise KeyError(f"checkpoint key {entry.key!r} lacks the prefix {prefix!r}")
+    key = entry.key[len(prefix):]
+    match = _STACKED_LAYER_KEY.fullmatch(key)
+    return key if match is None else f"decoder.layers.{entry.global_offset[0]}.{match.group(1)}"
+
+
+def canonical_names(model: Any) -> dict[str, str]:
+    """This rank's module state-dict names -> our (spec-independent) names, for the per-layer
+    tensors, read off the model's own `sharded_state_dict()` (see `checkpoint_tensor_name`).
+
+    Other tensors keep their module names, which no spec changes. (Their checkpoint key can
+    differ: a last pipeline stage saves a tied `output_layer.weight` as the embedding.)
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from megatron_selfreward.megatron.checkpoint import unwrap
+
+    names = {}
+    for state_key, entry in unwrap(model).sharded_state_dict().items():
+        if isinstance(entry, (ShardedTensor, ShardedTensorFactory)) and _MEGATRON_LAYER.fullmatch(state_key):
+            names[state_key] = checkpoint_tensor_name(entry)
+    return names
 
 
 def hf_to_megatron_tensor(get_tensor: GetTensor, cfg: Config, name: str) -> torch.Tensor:
@@ -329,13 +380,13 @@ def megatron_to_hf(
         yield "model.embed_tokens.weight", get_tensor(EMBEDDING)[: m.vocab_size]
     for i in _layer_range(cfg, layers):
         p, hp = f"decoder.layers.{i}.", f"model.layers.{i}."
-        yield hp + "input_layernorm.weight", get_tensor(p + "input_layernorm.weight")
+        yield hp + "input_layernorm.weight", get_tensor(p + _INPUT_NORM)
         q, k, v = split_qkv(get_tensor(p + _QKV), m.num_attention_heads, m.num_query_groups)
         yield hp + "self_attn.q_proj.weight", q
         yield hp + "self_attn.k_proj.weight", k
         yield hp + "self_attn.v_proj.weight", v
         yield hp + "self_attn.o_proj.weight", get_tensor(p + "self_attention.linear_proj.weight")
-        yield hp + "post_attention_layernorm.weight", get_tensor(p + "pre_mlp_layernorm.weight")
+        yield hp + "post_attention_layernorm.weight", get_tensor(p + _PRE_MLP_NORM)
         gate, up = get_tensor(p + _FC1).chunk(2)
         yield hp + "mlp.gate_proj.weight", gate
         yield hp + "mlp.up_proj.weight", up
@@ -371,8 +422,8 @@ def megatron_to_hf_tensor(get_tensor: GetTensor, cfg: Config, hf_name: str) -> t
 
 def shard_for_tp(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """This TP rank's slice of a full megatron tensor, as megatron's parallel layers hold it."""
-    if size == 1 or name.endswith("layernorm.weight"):
-        return full  # norms are replicated
+    if size == 1 or name.endswith(("layernorm.weight", "layer_norm_weight")):
+        return full  # norms, plain or fused into a linear, are replicated
     if name.endswith(_FC1):
         gate, up = full.chunk(2)
         return torch.cat([gate.chunk(size)[rank], up.chunk(size)[rank]])
@@ -380,13 +431,6 @@ def shard_for_tp(name: str, full: torch.Tensor, rank: int, size: int) -> torch.T
         return full.chunk(size, dim=1)[rank]  # row-parallel: input features split
     # column-parallel (qkv: whole query groups per rank) and vocab-parallel (rows)
     return full.chunk(size, dim=0)[rank]
-
-
-def _local_name(name: str, first_layer: int) -> str:
-    match = _MEGATRON_LAYER.fullmatch(name)
-    if match is None:
-        return name
-    return f"decoder.layers.{int(match.group(1)) - first_layer}.{match.group(2)}"
 
 
 def check_same_architecture(cfg: Config, hf_config: dict[str, Any], where: str) -> None:
@@ -413,22 +457,28 @@ def load_hf_into_model(model: Any, hf_dir: str | os.PathLike[str], cfg: Config) 
     inner = unwrap(model)
     numbers = [layer.layer_number - 1 for layer in inner.decoder.layers]  # global, 0-based
     first = numbers[0] if numbers else 0
-    targets = {k: v for k, v in inner.state_dict().items()
-               if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    # Keyed by our spec-independent names: a local-spec and a Transformer Engine model alike.
+    names = canonical_names(inner)
+    targets: dict[str, tuple[str, torch.Tensor]] = {}  # our name -> (module name, tensor)
+    for module_name, tensor in inner.state_dict().items():
+        if torch.is_tensor(tensor) and not module_name.endswith("_extra_state"):
+            name = names.get(module_name, module_name)
+            if name in targets:
+                raise KeyError(f"model tensors {targets[name][0]!r} and {module_name!r} both map to {name!r}")
+            targets[name] = (module_name, tensor)
     rank = parallel_state.get_tensor_model_parallel_rank()
     size = parallel_state.get_tensor_model_parallel_world_size()
     stream = hf_to_megatron(weights.get, cfg, range(first, first + len(numbers)),
                             pre_process=inner.pre_process, post_process=inner.post_process)
     with torch.no_grad():
         for name, full in stream:
-            local = _local_name(name, first)
-            if local not in targets:
-                raise KeyError(f"model chunk has no parameter {local!r} (from {name!r})")
-            target = targets.pop(local)
+            if name not in targets:
+                raise KeyError(f"model chunk has no parameter for {name!r}")
+            _, target = targets.pop(name)
             shard = shard_for_tp(name, full, rank, size)
             if shard.shape != target.shape:
                 raise ValueError(f"{name}: checkpoint gives {tuple(shard.shape)} for this rank, "
                                  f"model has {tuple(target.shape)}")
             target.copy_(shard)
     if targets:
-        raise KeyError(f"{hf_dir}: nothing loaded into {sorted(targets)}")
+        raise KeyError(f"{hf_dir}: nothing loaded into {sorted(m for m, _ in targets.values())}")

@@ -189,6 +189,9 @@ def build_model(
     `meta=True` builds on the meta device, without allocating or initialising weights, for
     parameter counting and memory planning; it needs no process group.
     """
+    from megatron_selfreward.megatron.compat import require_megatron_core
+
+    require_megatron_core()
     from megatron.core import parallel_state
 
     if pre_process is None:

@@ -18,7 +18,7 @@ from typing import Iterator, Mapping
 import torch
 
 from megatron_selfreward.config import Config, ConfigError, check_batch_layout
-from megatron_selfreward.megatron import cpu_compat
+from megatron_selfreward.megatron import compat, cpu_compat
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,7 @@ def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None,
                      timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> DistEnv:
     """Start torch.distributed and megatron's TP/PP/DP groups as the config says; `timeout`
     bounds every collective of a process group started here."""
+    compat.require_megatron_core()
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
@@ -201,6 +202,7 @@ def single_process_world(seed: int = 1234, backend: str = "gloo") -> Iterator[No
 
     Reuses an existing process group (and leaves it) if the caller already has one.
     """
+    compat.require_megatron_core()
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 

@@ -51,6 +51,9 @@ class Task:
 def training_world(cfg: Config) -> Iterator[None]:
     """Use megatron's parallel state if the caller set it up (it must match the config), else
     start one from the launcher's environment (torchrun, srun, or a 1-process world) and end it."""
+    from megatron_selfreward.megatron.compat import require_megatron_core
+
+    require_megatron_core()
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 

@@ -91,11 +91,12 @@ def _hf_byte_tokenizer():
 def _to_hf(cfg, model):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from megatron_selfreward.convert.llama_map import hf_config_from_model, megatron_to_hf
+    from megatron_selfreward.convert.llama_map import canonical_names, hf_config_from_model, megatron_to_hf
 
     hf_cfg = {k: v for k, v in hf_config_from_model(cfg).items() if k not in ("architectures", "model_type")}
     hf = LlamaForCausalLM(LlamaConfig(**hf_cfg, attn_implementation="eager")).float()
-    weights = {k: v.detach() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    names = canonical_names(model)
+    weights = {names.get(k, k): v.detach() for k, v in model.state_dict().items() if torch.is_tensor(v)}
     hf.load_state_dict(dict(megatron_to_hf(weights.__getitem__, cfg)), strict=True)
     return hf
 
@@ -107,7 +108,7 @@ def trl_comparison(tmp_path_factory):
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from megatron_selfreward.convert.llama_map import megatron_to_hf
+    from megatron_selfreward.convert.llama_map import canonical_names, megatron_to_hf
     from megatron_selfreward.data.dpo_data import pair_batch, prepare_dpo
     from megatron_selfreward.megatron.model import build_model
     from megatron_selfreward.megatron.parallel import single_process_world
@@ -133,7 +134,8 @@ def trl_comparison(tmp_path_factory):
         loss_sum, count, _ = dpo_loss_func(batch, sigmoid_dpo, BETA, nll)
         ours = loss_sum / count
         ours.backward()
-        grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters()}
+        names = canonical_names(policy)
+        grads = {names.get(n, n): p.grad.detach().clone() for n, p in policy.named_parameters()}
         ours_grads = dict(megatron_to_hf(grads.__getitem__, cfg))
         hf_policy, hf_ref = _to_hf(cfg, policy), _to_hf(cfg, reference)
 

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_bench.py on CPU: arguments, the bandwidth bound by hand, the table, the smoke mode."""
+"""benchmarks/gpu_bench.py on CPU: arguments, the bandwidth bound by hand, the table, part isolation, the smoke mode."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -40,9 +41,30 @@ def test_h200_shape_is_about_one_billion_parameters():
 def test_arguments_and_dry_run(capsys):
     assert bench.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "## Training" in out and "| 64 |" in out and "llama-1.1b" in out
+    assert "## SFT step" in out and "## DPO step" in out and "| 64 |" in out and "llama-1.1b" in out
     with pytest.raises(SystemExit):
-        bench.parse_args(["--parts", "train,nope"])
+        bench.parse_args(["--parts", "sft,nope"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--train-steps", "1"])
+
+
+def test_bandwidth_by_device_name():
+    assert bench.bandwidth_for("cuda", "NVIDIA H200", None)[0] == 4.8e12
+    assert bench.bandwidth_for("cuda", "NVIDIA H100 80GB HBM3", None)[0] == 3.35e12
+    assert bench.bandwidth_for("cuda", "NVIDIA H100 PCIe", None)[0] == 2.0e12
+    assert bench.bandwidth_for("cuda", "NVIDIA H100 80GB HBM3", 4.0) == (4.0e12, "--bandwidth-tb-s")
+    value, why = bench.bandwidth_for("cuda", "NVIDIA B200", None)
+    assert value is None and "--bandwidth-tb-s" in why
+
+
+def test_gpu_shapes_fit_their_sequence_lengths():
+    s = bench.GPU_SHAPE
+    # SFT: user + assistant halves of seq_len - 64 bytes; DPO: prompt seq/4, responses seq*3/4 - 64;
+    # the chat template adds ~21 byte tokens to each (measured on the tiny shape).
+    assert (s.seq_len - 64) // 2 * 2 + 21 <= s.seq_len
+    assert s.dpo_seq_len // 4 + (s.dpo_seq_len - s.dpo_seq_len // 4 - 64) + 21 <= s.dpo_seq_len
+    assert s.global_batch % s.micro_batch == 0 and s.dpo_global_batch % s.dpo_micro_batch == 0
+    assert bench.GPU_SHAPE.with_steps(2).warmup_steps == 1 and bench.GPU_SHAPE.with_steps(2).dpo_steps == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
@@ -54,10 +76,14 @@ def test_without_cuda_it_fails_fast_with_what_to_do(capsys):
 def test_table_renders_the_numbers():
     result = {"benchmark": "gpu_bench", "date": "d", "hardware": {"gpu": "NVIDIA H200", "torch": "t"},
               "settings": {"dtype": "bfloat16", "bandwidth_tb_s": 4.8, "shape": bench.GPU_SHAPE.__dict__},
-              "results": {"train": {"tokens_per_s": 50_000.0, "step_time_s_mean": 0.6, "attention_seq_len": 2000.0,
+              "results": {"sft": {"tokens_per_s": 50_000.0, "step_time_s_mean": 0.6, "attention_seq_len": 2000.0,
                                     "flops_per_token": 7.0e9, "model_flop_s": 3.5e14, "peak_flop_s": 989e12,
                                     "peak_source": "datasheet dense BF16 (h200)", "mfu": 3.5e14 / 989e12,
                                     "peak_cuda_allocated_gib": 40.0},
+                          "dpo": {"pairs_per_step": 16, "tokens_per_s": 40_000.0, "step_time_s_mean": 0.5,
+                                  "reference_time_s_per_step": 0.1, "attention_seq_len": 980.0,
+                                  "model_flop_s": 3.0e14, "mfu": 3.0e14 / 989e12, "mfu_policy_steps": 0.32,
+                                  "mfu_reference_forward": 0.25, "peak_cuda_allocated_gib": 30.0},
                           "generate": [{"batch": 64, "prompt_tokens": 128, "new_tokens": 128,
                                         "prefill_tokens_per_s": 1e5, "decode_tokens_per_s": 3000.0,
                                         "decode_bound_tokens_per_s": 60000.0, "bandwidth_fraction": 0.05}],
@@ -67,9 +93,33 @@ def test_table_renders_the_numbers():
               "errors": {"generate": "Traceback...\nRuntimeError: boom"}}
     table = bench.format_table(result)
     assert "| 50,000 | 0.600 | 2000 | 7.00 | 350.0 | 989.0 | 35.4% | 40.0 |" in table
+    assert "| 16 | 40,000 | 0.500 | 0.100 | 980 | 300.0 | 30.3% | 32.0% | 25.0% | 30.0 |" in table
     assert "| 64 | 128+128 | 100,000 | 3,000 | 60,000 | 5.0% |" in table
     assert "| triton | 8192 x 2048 x 32000 | bfloat16 | 12.50 | 0.10 | 1.00e-03 |" in table
     assert "**generate failed**: RuntimeError: boom" in table
+
+
+def _fake_part(args, part, part_json, work_dir):
+    """A part that hangs (logprobs) or writes a result at once (the others)."""
+    if part == "logprobs":
+        return ["bash", "-c", "echo computing; sleep 60 & sleep 60"]
+    result = {"results": {part: [{"batch": 1}]}, "errors": {}, "hardware": {"gpu": "NVIDIA H200"},
+              "settings": {"bandwidth_tb_s": 4.8, "bandwidth_source": "datasheet HBM bandwidth (h200)"}}
+    return [sys.executable, "-c", f"import json, sys; json.dump({result!r}, open(sys.argv[1], 'w'))", str(part_json)]
+
+
+def test_isolated_parts_a_hanging_part_is_killed_and_the_others_recorded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "part_command", _fake_part)
+    monkeypatch.setattr(bench, "MIN_PART_S", 1)
+    started = time.monotonic()
+    rc = bench.main(["--isolate", "--parts", "generate,logprobs", "--time-budget-s", "4", "--out-dir", str(tmp_path)])
+    assert rc == 1 and time.monotonic() - started < 30
+    result = json.loads((tmp_path / "gpu_h200.json").read_text())
+    assert result["results"]["generate"] == [{"batch": 1}] and list(result["timings_s"]) == ["logprobs", "generate"]
+    assert result["errors"]["logprobs"].splitlines()[0] == "computing"
+    assert "TimeoutError: part 'logprobs' killed after" in result["errors"]["logprobs"]
+    assert result["settings"]["bandwidth_tb_s"] == 4.8
+    assert "**logprobs failed**: TimeoutError" in (tmp_path / "gpu_h200.md").read_text()
 
 
 @pytest.mark.slow
@@ -81,8 +131,9 @@ def test_cpu_smoke_mode_runs_every_part(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["errors"] == {} and result["hardware"]["torch"] == torch.__version__
-    train = result["results"]["train"]
-    assert train["mfu"] == pytest.approx(train["tokens_per_s"] * train["flops_per_token"] / train["peak_flop_s"])
+    sft = result["results"]["sft"]
+    assert sft["mfu"] == pytest.approx(sft["tokens_per_s"] * sft["flops_per_token"] / sft["peak_flop_s"])
+    assert result["results"]["dpo"]["steps_measured"] == 2
     assert [g["batch"] for g in result["results"]["generate"]] == [1, 4]
     assert all(g["decode_tokens"] == g["batch"] * 16 for g in result["results"]["generate"])
     impls = {r["impl"] for r in result["results"]["logprobs"]}
