@@ -131,6 +131,17 @@ def start_process_group(env: DistEnv, timeout: datetime.timedelta = datetime.tim
                             world_size=env.world_size, timeout=timeout)
 
 
+def select_cuda_device(local_rank: int) -> int | None:
+    """This process's GPU: `local_rank` modulo the GPUs it sees. With one task per GPU and Slurm's
+    GPU binding (`--gpus-per-task`, `--gpu-bind`), each task sees only its own GPU as device 0
+    while its local rank runs up to the tasks per node; with all GPUs visible it is the local rank."""
+    if not torch.cuda.is_available():
+        return None
+    device = local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(device)
+    return device
+
+
 def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None,
                      timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> DistEnv:
     """Start torch.distributed and megatron's TP/PP/DP groups as the config says; `timeout`
@@ -154,8 +165,7 @@ def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None,
             f"divisible by TP x PP = {model_parallel}"
         )
     check_batch_layout(cfg, env.world_size)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+    select_cuda_device(env.local_rank)
     if not dist.is_initialized():
         start_process_group(env, timeout)
     parallel_state.initialize_model_parallel(

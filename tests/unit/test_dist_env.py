@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megatron_selfreward.config import ConfigError, load_config
 from megatron_selfreward.megatron.parallel import expand_nodelist, init_distributed, read_dist_env
@@ -73,3 +74,16 @@ def test_batch_not_divisible_by_data_parallel_is_an_error():
     cfg = load_config(None, ["sft.global_batch_size=6", "sft.micro_batch_size=2"])
     with pytest.raises(ConfigError, match="sft.global_batch_size"):
         init_distributed(cfg, environ={"RANK": "0", "WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize("visible, local_rank, want", [(8, 5, 5), (1, 5, 0), (4, 6, 2)])
+def test_each_task_takes_a_gpu_it_can_see(monkeypatch, visible, local_rank, want):
+    """Slurm's GPU binding leaves each task one visible GPU, while local ranks go up to the
+    tasks per node: set_device(local_rank) would name a device that does not exist there."""
+    from megatron_selfreward.megatron.parallel import select_cuda_device
+
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert select_cuda_device(local_rank) == want and chosen == [want]
