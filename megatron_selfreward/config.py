@@ -185,6 +185,10 @@ class PromptGenConfig:
 @dataclass
 class GenerationConfig:
     engine: Literal["megatron", "trtllm"] = "megatron"
+    # engine=trtllm: "pytorch" = TensorRT-LLM's PyTorch backend, which loads each model's hf/
+    # export directly (no engine build); "tensorrt" = its legacy TensorRT-engine backend, an
+    # engine built once per model into models/M<t>/trtllm/ (releases that still have it).
+    trtllm_backend: Literal["pytorch", "tensorrt"] = "pytorch"
     responses_per_prompt: int = 4
     temperature: float = 0.7
     top_p: float = 0.9

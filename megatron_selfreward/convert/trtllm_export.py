@@ -1,29 +1,34 @@
-"""Export a Megatron checkpoint for TensorRT-LLM and build its engine (GPU clusters only).
+"""Export a Megatron checkpoint for TensorRT-LLM, and build a TensorRT engine where asked (GPU clusters).
 
-UNVERIFIED: TensorRT-LLM cannot be installed on the machines this project is developed and
-tested on, so only the export half (`export_for_trtllm` / `prepare_model_dir`, Megatron -> bf16
-Hugging Face directory, which reuses the tested `convert_megatron_to_hf`), the construction of
-the build commands, and the build-once/reuse logic (against a stand-in for TensorRT-LLM's LLM
-API, tests/unit/test_trtllm_engine.py) are exercised by tests. The build half follows the
-documented TensorRT-LLM interfaces:
+The default TensorRT-LLM path (generation.trtllm_backend=pytorch) builds nothing: TensorRT-LLM's
+PyTorch backend loads the bf16 Hugging Face export (`hf/`) directly, so a new model costs one
+export per iteration. The TensorRT-engine path (generation.trtllm_backend=tensorrt) is
+TensorRT-LLM's legacy one (removed on its main branch); it is kept here as an option:
 
 - `trtllm-build` path: the Llama example's `convert_checkpoint.py` turns the HF directory into
   a TensorRT-LLM checkpoint sharded for TP/PP, then `trtllm-build` compiles the engine.
-- LLM API path: `LLM(model=<hf dir>, tensor_parallel_size=..., build_config=BuildConfig(...))`
-  builds the engine directly from the HF directory and `llm.save(engine_dir)` writes it.
+- LLM API path: `tensorrt_llm._tensorrt_engine.LLM(model=<hf dir>, tensor_parallel_size=...,
+  build_config=BuildConfig(...))` builds the engine from the HF directory and `llm.save(engine_dir)`
+  writes it (`generation/trtllm_api.py` says where each supported release keeps these).
 
 Both take the config's TP/PP and length limits: max_seq_len = model.max_seq_len; max_input_len
 defaults to max_seq_len minus the longest generation the loop asks for (responses, judgements,
 prompts). The engine the pipeline builds for itself (`prepare_model_dir`, used by
 `generation/trtllm_engine.py`) allows inputs up to max_seq_len - 1 instead: the short follow-up
 requests (forced scores after the cue, pairwise verdicts) carry long prompts, and every stage
-already checks prompt + max_new_tokens <= max_seq_len before it asks.
+already checks prompt + max_new_tokens <= max_seq_len before it asks. An engine that must return
+log-probs is built with `gather_generation_logits` (TensorRT-LLM refuses `SamplingParams.logprobs`
+otherwise); it is part of the build spec, so such an engine is never confused with one without.
 
-Model directories (`runs/<name>/models/M<t>/`): `hf/` is the bf16 export the engine is built
-from (exported from `megatron/` when that is where the weights are, stamped with the source it
-came from), `trtllm/` the engine, stamped with the build spec and the same source identity, so
-it is built once per model and reused while both match. `tools/build_trtllm_engine.sh` is the
-command-line entry.
+Model directories (`runs/<name>/models/M<t>/`): `hf/` is the bf16 export (exported from
+`megatron/` when that is where the weights are, stamped with the source it came from),
+`trtllm/` the TensorRT engine when that backend is used, stamped with the build spec and the
+same source identity, so it is built once per model and reused while both match.
+`tools/build_trtllm_engine.sh` is the command-line entry.
+
+UNVERIFIED ON HARDWARE: TensorRT-LLM cannot be installed where this project is developed, so
+the TensorRT-LLM calls are tested against a stand-in (tests/unit/test_trtllm_engine.py, which
+runs against the real module where it imports and CUDA is present).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from pathlib import Path
 from typing import Iterator
 
 from megatron_selfreward.config import Config, load_config
+from megatron_selfreward.generation.trtllm_api import (  # noqa: F401 - INSTALL_HINT: this module's name for it
+    INSTALL_HINT, build_config_class, check_trtllm_version, tensorrt_llm_class)
 
 __all__ = ["BuildSpec", "build_spec", "export_for_trtllm", "trtllm_build_commands", "build_with_llm_api",
            "engine_llm_class", "prepare_model_dir", "source_identity", "engine_stamp", "engine_is_current",
@@ -50,8 +57,6 @@ EXPORT_STAMP_FILE = "selfreward_export.json"  # in hf/: which weights it was exp
 ENGINE_STAMP_FILE = "selfreward_engine.json"  # in trtllm/: build spec + source, written last
 LOCK_FILE = ".trtllm.lock"  # in the model directory, held while exporting or building
 TRTLLM_DTYPE = "bfloat16"  # TRT-LLM's native dtype for Llama engines without quantization
-INSTALL_HINT = ("install TensorRT-LLM on a CUDA machine from NVIDIA's package index (see the README, "
-                "'Optional GPU extras'), or set generation.engine=megatron")
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,12 @@ class BuildSpec:
     max_input_len: int
     max_seq_len: int
     dtype: str = TRTLLM_DTYPE
+    # The engine keeps generation logits, so requests may ask for log-probs (TensorRT backend).
+    gather_generation_logits: bool = False
 
 
 def build_spec(cfg: Config, hf_dir: str | os.PathLike[str], engine_dir: str | os.PathLike[str],
-               *, max_input_len: int | None = None) -> BuildSpec:
+               *, max_input_len: int | None = None, gather_generation_logits: bool = False) -> BuildSpec:
     """The build for `cfg`; max_input_len None = max_seq_len minus the longest generation."""
     longest_output = max(cfg.generation.max_new_tokens, cfg.judge.max_new_tokens,
                          cfg.generation.prompts.max_new_tokens)
@@ -86,7 +93,7 @@ def build_spec(cfg: Config, hf_dir: str | os.PathLike[str], engine_dir: str | os
         tp_size=cfg.parallel.tensor_model_parallel_size, pp_size=cfg.parallel.pipeline_model_parallel_size,
         max_batch_size=cfg.generation.batch_size,
         max_input_len=max_seq_len - longest_output if max_input_len is None else max_input_len,
-        max_seq_len=max_seq_len,
+        max_seq_len=max_seq_len, gather_generation_logits=gather_generation_logits,
     )
 
 
@@ -122,29 +129,22 @@ def trtllm_build_commands(spec: BuildSpec, convert_script: str, work_dir: str) -
 
 
 def engine_llm_class() -> type:
-    """TensorRT-LLM's engine-building `LLM` class.
-
-    TensorRT-LLM >= 1.0 keeps it in `tensorrt_llm._tensorrt_engine` (its top-level `LLM` is the
-    PyTorch backend, which builds no engine); older releases export it at the top level.
-    """
-    try:
-        from tensorrt_llm._tensorrt_engine import LLM  # type: ignore[import-not-found]
-    except ImportError:
-        try:
-            from tensorrt_llm import LLM  # type: ignore[import-not-found]
-        except ImportError as err:
-            raise RuntimeError(f"tensorrt_llm cannot be imported ({err}); {INSTALL_HINT}") from err
-    return LLM
+    """TensorRT-LLM's engine-building `LLM` class (`tensorrt_llm._tensorrt_engine.LLM`; the
+    top-level `LLM` of the supported releases is the PyTorch backend, which builds no engine)."""
+    return tensorrt_llm_class()
 
 
 def build_with_llm_api(spec: BuildSpec, **llm_kwargs: object) -> object:
     """Build the engine through TensorRT-LLM's LLM API (needs GPUs and tensorrt_llm), save it to
     `spec.engine_dir` and return the LLM, ready to generate (extra kwargs go to `LLM`)."""
+    check_trtllm_version()
     llm_cls = engine_llm_class()
-    from tensorrt_llm import BuildConfig  # type: ignore[import-not-found]
-
-    build_config = BuildConfig(max_batch_size=spec.max_batch_size, max_input_len=spec.max_input_len,
-                               max_seq_len=spec.max_seq_len)
+    limits = dict(max_batch_size=spec.max_batch_size, max_input_len=spec.max_input_len, max_seq_len=spec.max_seq_len)
+    if spec.gather_generation_logits:
+        limits["gather_generation_logits"] = True  # the engine outputs the logits log-probs come from
+        # BaseLLM._check_arguments reads the LLM's own flag, not the engine's, before any logprobs request
+        llm_kwargs = {**llm_kwargs, "gather_generation_logits": True}
+    build_config = build_config_class()(**limits)
     llm = llm_cls(model=spec.hf_dir, tensor_parallel_size=spec.tp_size, pipeline_parallel_size=spec.pp_size,
                   dtype=spec.dtype, build_config=build_config, **llm_kwargs)
     llm.save(spec.engine_dir)
@@ -224,14 +224,17 @@ def _export_hf(cfg: Config, model_dir: Path, source: str) -> Path:
     return hf_dir
 
 
-def prepare_model_dir(cfg: Config, model_dir: str | os.PathLike[str]) -> tuple[BuildSpec, str]:
-    """Make sure `model_dir/hf` holds this model's weights; the engine's build spec (into
-    `model_dir/trtllm`, inputs up to max_seq_len - 1) and the weights' source identity."""
+def prepare_model_dir(cfg: Config, model_dir: str | os.PathLike[str], *,
+                      gather_generation_logits: bool = False) -> tuple[BuildSpec, str]:
+    """Make sure `model_dir/hf` holds this model's weights; the build spec (TP/PP and length
+    limits, inputs up to max_seq_len - 1; the engine, if one is built, goes to `model_dir/trtllm`)
+    and the weights' source identity."""
     model_dir = Path(model_dir)
     with _model_dir_lock(model_dir):
         source = source_identity(model_dir)
         hf_dir = _export_hf(cfg, model_dir, source)
-    spec = build_spec(cfg, hf_dir, model_dir / "trtllm", max_input_len=cfg.model.max_seq_len - 1)
+    spec = build_spec(cfg, hf_dir, model_dir / "trtllm", max_input_len=cfg.model.max_seq_len - 1,
+                      gather_generation_logits=gather_generation_logits)
     return spec, source
 
 
@@ -253,13 +256,14 @@ def write_engine_stamp(spec: BuildSpec, source: str) -> None:
 
 
 def build_engine_for(cfg: Config, model_dir: str | os.PathLike[str], *, force: bool = False,
+                     gather_generation_logits: bool = False,
                      **llm_kwargs: object) -> tuple[BuildSpec, object | None]:
-    """Build `model_dir/trtllm` unless a matching engine is there: (spec, the LLM that built it,
-    ready to generate) after a build, (spec, None) when the engine was reused. The stamp is
-    written last, so an interrupted build is redone."""
+    """Build `model_dir/trtllm` (TensorRT backend) unless a matching engine is there: (spec, the
+    LLM that built it, ready to generate) after a build, (spec, None) when the engine was reused.
+    The stamp is written last, so an interrupted build is redone."""
     import shutil
 
-    spec, source = prepare_model_dir(cfg, model_dir)
+    spec, source = prepare_model_dir(cfg, model_dir, gather_generation_logits=gather_generation_logits)
     with _model_dir_lock(Path(model_dir)):
         if not force and engine_is_current(spec, source):
             return spec, None
@@ -274,9 +278,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="run config YAML (TP/PP, lengths)")
     parser.add_argument("--model-dir", type=Path,
-                        help="a run's model directory (models/M<t>): export hf/ if needed and build trtllm/ "
-                             "exactly as generation.engine=trtllm does (reused while current); "
-                             "replaces --ckpt/--hf-out/--engine-out")
+                        help="a run's model directory (models/M<t>): export hf/ if needed and, with "
+                             "generation.trtllm_backend=tensorrt, build trtllm/ exactly as generation.engine=trtllm "
+                             "does (reused while current); replaces --ckpt/--hf-out/--engine-out")
     parser.add_argument("--ckpt", type=Path, help="Megatron checkpoint directory")
     parser.add_argument("--hf-out", type=Path, help="bf16 HF directory to create")
     parser.add_argument("--engine-out", type=Path, help="engine directory to create")
@@ -292,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.model_dir is not None:
+        if cfg.generation.trtllm_backend == "pytorch":
+            # TensorRT-LLM's PyTorch backend loads hf/ as it is: exporting it is all there is to do.
+            spec, _ = prepare_model_dir(cfg, args.model_dir)
+            print(json.dumps({"hf_dir": spec.hf_dir, "trtllm_backend": "pytorch", "built": False}, indent=2))
+            return 0
         spec, llm = build_engine_for(cfg, args.model_dir, force=args.overwrite)
         print(json.dumps({**dataclasses.asdict(spec), "built": llm is not None}, indent=2))
         if llm is not None and hasattr(llm, "shutdown"):

@@ -15,7 +15,9 @@ Semantics every backend must keep:
 - `Sample.logprobs[i]` is the log-probability of generated token i under the model's
   *unmodified* next-token distribution: `log_softmax` of the raw logits over the real
   vocabulary, before temperature, top-k or top-p. That is the quantity DPO and diagnostics need,
-  and it does not depend on the sampling settings.
+  and it does not depend on the sampling settings. A request that needs them says so
+  (`SamplingParams.logprobs`): an engine for which they cost extra (TensorRT-LLM) computes them
+  only then and leaves NaN otherwise; the Megatron engine always fills them.
 - Weights are loaded once per iteration with `load_weights`, never per request.
 """
 
@@ -65,6 +67,7 @@ class SamplingParams:
         distribution renormalised over them, as vLLM's option of the same name); log-probs stay
         those of the unmodified distribution.
     followup: see `Followup` (engines that cannot continue in place refuse it).
+    logprobs: the caller reads `Sample.logprobs` (see the module docstring); no stage does today.
     """
 
     temperature: float = 1.0
@@ -77,6 +80,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     allowed_token_ids: list[int] = field(default_factory=list)
     followup: Followup | None = None
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -118,7 +122,8 @@ class Sample:
         token, or the token that completed a stop string), so a trainer sees what the model
         actually emitted. text: the decoded continuation without that EOS / stop token and cut
         before the first stop string; "" until someone with a tokenizer fills it.
-    logprobs: one per token in token_ids, under the unmodified distribution (module docstring).
+    logprobs: one per token in token_ids, under the unmodified distribution (module docstring);
+        NaN where the engine computed none (not requested, or not returned).
     followup_at: where a `Followup` begins in token_ids (None: the sample got none); its text
         is appended to the sample's own text.
     """

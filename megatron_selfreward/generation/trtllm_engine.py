@@ -2,15 +2,21 @@
 
 UNVERIFIED ON HARDWARE: TensorRT-LLM cannot be installed on the machines this project is
 developed and tested on, so this module has never generated a token on a GPU. What is tested
-(tests/unit/test_trtllm_engine.py, against a stand-in `tensorrt_llm` module shaped like the real
-API) is the mapping in both directions: our `SamplingParams` -> TensorRT-LLM's, and its
-`RequestOutput` / `CompletionOutput` -> our `Sample`s, plus the build-once-and-reuse logic.
+(tests/unit/test_trtllm_engine.py, against a stand-in `tensorrt_llm` that enforces the argument
+checks of the real API, or against the real module where it imports and CUDA is present) is the
+mapping in both directions: our `SamplingParams` -> TensorRT-LLM's, and its `RequestOutput` /
+`CompletionOutput` -> our `Sample`s, plus how the LLM is created for each backend.
+
+Supported: TensorRT-LLM >= 1.0 (`trtllm_api.SUPPORTED_TRTLLM`), checked when the engine is created.
 
 How it maps the protocol (engine.py) onto the LLM API:
-- The engine is built once per model directory, not per request or per stage: `hf/` (exported
-  from `megatron/` when that is where the weights are) -> `trtllm/`, with the config's TP/PP
-  sizes and length limits (`convert/trtllm_export.py`). A later policy load of the same model
-  reuses the saved engine while its stamp (build spec + source identity) matches.
+- Backend (generation.trtllm_backend): "pytorch" (default) creates `tensorrt_llm.LLM`, the
+  PyTorch backend, straight from the model's bf16 `hf/` export (exported from `megatron/` when
+  that is where the weights are): a new model per iteration costs an export, never an engine
+  build. "tensorrt" is upstream's legacy TensorRT-engine path (`tensorrt_llm._tensorrt_engine`):
+  an engine built once per model directory into `trtllm/` and reused while its stamp (build
+  spec + source identity) matches (`convert/trtllm_export.py`). Both get the config's TP/PP sizes
+  and length limits.
 - Prompts go in as token-id lists; one TensorRT-LLM request per *sample*, with n=1 and the
   sample's own seed `sample_seed(seed, j)`, so a sample depends on (seed, sample index) only, as
   the protocol asks (TensorRT-LLM's own n>1 draws every sample of a request from one seed).
@@ -30,10 +36,16 @@ How it maps the protocol (engine.py) onto the LLM API:
   to its max_new_tokens (only prompt generation uses stop strings).
 - TensorRT-LLM gets token ids only (`skip_tokenizer_init=True`): text is decoded with our
   tokenizer, by the same rule as MegatronEngine.
-- Log-probs: `logprobs=1`, and `logprobs_mode="raw_logprobs"` where the installed TensorRT-LLM
-  has it (the unmodified distribution, as the protocol defines). Releases without it return the
-  log-prob under the sampling distribution; `logprobs_mode` in `stats` says which. Nothing in the
-  loop trains on generation log-probs (DPO recomputes them), so this affects diagnostics only.
+- Log-probs only where a request asks (`SamplingParams.logprobs`; no stage does today, DPO
+  recomputes them): `logprobs=1` and, in releases that have the field, `logprobs_mode="raw"`
+  (upstream's `LogprobMode.RAW`: the unmodified distribution, as the protocol defines). The
+  TensorRT backend applies the temperature before its log-probs whatever the mode (upstream PR
+  #12514 documents this), and what PyTorch-backend releases without the field return was not
+  established: `logprobs_mode` in `stats` says "raw", "sampling" or "trtllm_default". Samples
+  of other requests carry NaN. The TensorRT backend refuses `logprobs` unless the LLM was created
+  with `gather_generation_logits` (`BaseLLM._check_arguments`), which needs an engine built to
+  keep generation logits: `TRTLLMEngine(..., logprobs=True)` creates both. The PyTorch backend
+  computes them in its sampler and needs nothing at creation.
 """
 
 from __future__ import annotations
@@ -71,18 +83,23 @@ def _field_names(cls: Any) -> set[str]:
 
 
 class TRTLLMEngine(GenerationEngine):
-    """Generation through a TensorRT-LLM engine built from `model_dir` (see the module docs).
+    """Generation through TensorRT-LLM from `model_dir` (see the module docs).
 
-    cfg: the run config (TP/PP sizes, max_seq_len, generation.batch_size as the engine's
-    max_batch_size, pipeline.seed); tokenizer: ours (`decode`, `eos_token_id`), for text and stop
-    strings; eos_token_ids: default = the tokenizer's `eos_token_id`. Every call to `generate`
-    sends all its requests at once; TensorRT-LLM batches them in flight.
+    cfg: the run config (generation.trtllm_backend, TP/PP sizes, max_seq_len, generation.batch_size
+    as the LLM's max_batch_size, pipeline.seed); tokenizer: ours (`decode`, `eos_token_id`), for
+    text and stop strings; eos_token_ids: default = the tokenizer's `eos_token_id`; logprobs: create
+    the LLM so that requests may ask for log-probs (matters on the TensorRT backend). Every call to
+    `generate` sends all its requests at once; TensorRT-LLM batches them in flight.
     """
 
     def __init__(self, cfg: Config, model_dir: str | Path, tokenizer: Any = None,
-                 eos_token_ids: Sequence[int] | None = None, *, seed: int | None = None) -> None:
-        import tensorrt_llm  # noqa: F401 - fail here, before any export or build
+                 eos_token_ids: Sequence[int] | None = None, *, seed: int | None = None,
+                 logprobs: bool = False) -> None:
+        from megatron_selfreward.generation.trtllm_api import check_trtllm_version
 
+        self.trtllm_version = check_trtllm_version()  # fail here, before any export or build
+        self.backend = cfg.generation.trtllm_backend
+        self.logprobs = logprobs
         self.cfg = cfg
         self.tokenizer = tokenizer
         if eos_token_ids is None:
@@ -97,7 +114,6 @@ class TRTLLMEngine(GenerationEngine):
         self.engine_built = False
         self.engine_build_time_s = 0.0
         self._sp_fields: set[str] = set()
-        self._seed_key = "seed"
         self._stats: dict[str, float] = {}
         self.reset_stats()
         self.load_weights(model_dir)
@@ -106,11 +122,15 @@ class TRTLLMEngine(GenerationEngine):
 
     @property
     def logprobs_mode(self) -> str:
+        """What the returned log-probs are a distribution of (see the module docs)."""
+        if self.backend == "tensorrt":
+            return "sampling"
         return "raw" if "logprobs_mode" in self._sp_fields else "trtllm_default"
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Counters since `reset_stats`, plus the engine build of this model (built or reused).
+        """Counters since `reset_stats`, plus the engine build of this model (TensorRT backend:
+        built or reused; the PyTorch backend builds none).
 
         prefill_tokens: prompt tokens sent (one prompt per sample); decode_tokens: tokens
         generated; decode_time_s: wall time of `generate` calls, prefill included (TensorRT-LLM
@@ -121,15 +141,19 @@ class TRTLLMEngine(GenerationEngine):
         out["engine_built"] = int(self.engine_built)
         out["engine_build_time_s"] = self.engine_build_time_s
         out["logprobs_mode"] = self.logprobs_mode
+        out["trtllm_backend"] = self.backend
+        out["trtllm_version"] = self.trtllm_version
         return out
 
     def reset_stats(self) -> None:
         self._stats = {key: 0.0 if key.endswith("_s") else 0 for key in _STAT_KEYS}
 
     def load_weights(self, source: Any) -> None:
-        """A model directory (`models/M<t>`): export `hf/` if needed, build or reuse `trtllm/`,
-        load it. Called once per iteration (a new model), never per request."""
-        from megatron_selfreward.convert.trtllm_export import build_engine_for, engine_llm_class
+        """A model directory (`models/M<t>`): export `hf/` if needed, then create the LLM from it
+        (PyTorch backend) or from the engine built or reused in `trtllm/` (TensorRT backend).
+        Called once per iteration (a new model), never per request."""
+        from megatron_selfreward.convert.trtllm_export import build_engine_for, prepare_model_dir
+        from megatron_selfreward.generation.trtllm_api import pytorch_llm_class, tensorrt_llm_class
 
         if not isinstance(source, (str, Path)):
             raise TypeError(f"TRTLLMEngine.load_weights takes a model directory, not {type(source)}")
@@ -138,18 +162,26 @@ class TRTLLMEngine(GenerationEngine):
         self.close()
         self._sampling_params_cls = tensorrt_llm.SamplingParams
         self._sp_fields = _field_names(tensorrt_llm.SamplingParams)
-        # Some releases name the per-request seed random_seed (the C++ runtime's older name).
-        self._seed_key = "random_seed" if "seed" not in self._sp_fields and "random_seed" in self._sp_fields \
-            else "seed"
         model_dir = Path(source)
-        llm_kwargs = {"skip_tokenizer_init": True}  # token ids in and out; text is ours
-        started = time.perf_counter()
-        spec, llm = build_engine_for(self.cfg, model_dir, **llm_kwargs)
-        self.engine_built = llm is not None
-        self.engine_build_time_s = time.perf_counter() - started if self.engine_built else 0.0
-        if llm is None:
-            llm = engine_llm_class()(model=spec.engine_dir, tensor_parallel_size=spec.tp_size,
-                                     pipeline_parallel_size=spec.pp_size, **llm_kwargs)
+        llm_kwargs: dict[str, Any] = {"skip_tokenizer_init": True}  # token ids in and out; text is ours
+        if self.backend == "pytorch":
+            spec, _ = prepare_model_dir(self.cfg, model_dir)
+            # No build_config here: the PyTorch LLM refuses TensorRT-only arguments.
+            llm = pytorch_llm_class()(model=spec.hf_dir, tensor_parallel_size=spec.tp_size,
+                                      pipeline_parallel_size=spec.pp_size, dtype=spec.dtype,
+                                      max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
+                                      **llm_kwargs)
+            self.engine_built, self.engine_build_time_s = False, 0.0
+        else:
+            started = time.perf_counter()
+            spec, llm = build_engine_for(self.cfg, model_dir, gather_generation_logits=self.logprobs, **llm_kwargs)
+            self.engine_built = llm is not None
+            self.engine_build_time_s = time.perf_counter() - started if self.engine_built else 0.0
+            if llm is None:
+                if self.logprobs:  # BaseLLM._check_arguments reads the LLM's flag, not the engine's
+                    llm_kwargs["gather_generation_logits"] = True
+                llm = tensorrt_llm_class()(model=spec.engine_dir, tensor_parallel_size=spec.tp_size,
+                                           pipeline_parallel_size=spec.pp_size, **llm_kwargs)
         self.llm, self.model_dir, self.spec = llm, model_dir, spec
 
     def close(self) -> None:
@@ -201,6 +233,10 @@ class TRTLLMEngine(GenerationEngine):
         if request.params.followup is not None:
             raise ValueError(f"request {request.request_id!r}: a Followup (continuing a sample in "
                              "place) is not mapped to TensorRT-LLM; send follow-up requests instead")
+        if request.params.logprobs and self.backend == "tensorrt" and not self.logprobs:
+            raise ValueError(f"request {request.request_id!r} asks for log-probs: on the TensorRT backend they "
+                             "need an engine built to keep generation logits; create TRTLLMEngine(..., "
+                             "logprobs=True)")
         if request.params.allowed_token_ids:
             # Its one user is judge.force_score, a deviation for judges too small to follow the
             # format; the judges TensorRT-LLM serves write their own "Score: x".
@@ -211,24 +247,29 @@ class TRTLLMEngine(GenerationEngine):
         """TensorRT-LLM's SamplingParams for one sample of a request (see the module docs)."""
         stop_ids = list(dict.fromkeys(self.eos_token_ids + [int(t) for t in params.stop_token_ids]))
         kwargs: dict[str, Any] = {
-            "max_tokens": max_new_tokens, "n": 1, "end_id": -1, "pad_id": -1,
-            "stop_token_ids": stop_ids, "include_stop_str_in_output": True, "logprobs": 1,
+            "max_tokens": max_new_tokens, "n": 1, "end_id": -1, "pad_id": -1, "seed": seed,
+            "stop_token_ids": stop_ids, "include_stop_str_in_output": True,
         }
         if params.greedy:
             kwargs.update(top_k=1, top_p=None)
         else:
             kwargs.update(temperature=params.temperature, top_p=params.top_p,
                           top_k=params.top_k if params.top_k > 0 else None)
-        kwargs[self._seed_key] = seed
-        if "logprobs_mode" in self._sp_fields:
-            kwargs["logprobs_mode"] = "raw_logprobs"
+        if params.logprobs:
+            # 1, not 0: releases without LogprobMode read logprobs=0 as "none" (SamplingParams.
+            # _get_output_config: return_log_probs=bool(self.logprobs)); later ones return the
+            # top-1 plus the sampled token for 1. A sampled token missing from what comes back
+            # is NaN, counted in logprobs_missing.
+            kwargs["logprobs"] = 1
+            if "logprobs_mode" in self._sp_fields:
+                kwargs["logprobs_mode"] = "raw"  # LogprobMode.RAW in tensorrt_llm/sampling_params.py
         return self._sampling_params_cls(**kwargs)
 
     # -- result side -----------------------------------------------------------------------
 
     def _to_sample(self, out: Any, params: SamplingParams, max_new_tokens: int) -> Sample:
         ids = [int(t) for t in (out.token_ids or [])]
-        logprobs = self._logprobs(out, ids)
+        logprobs = self._logprobs(out, ids) if params.logprobs else [math.nan] * len(ids)
         finish = self._finish_reason(out, ids)
         if params.stop_strings and self.tokenizer is not None:
             end = self._stop_string_end(ids, params.stop_strings)
