@@ -225,7 +225,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from megatron_selfreward.records import SFTExample
     from megatron_selfreward.train import run_dpo, run_sft
 
+    from megatron_selfreward.threads import configure
+
     cfg = _load(args)
+    configure(cfg.executor.cpu_threads)
     out = Path(args.out or Path(cfg.pipeline.run_dir) / f"train_{args.task}")
     if args.data and not Path(args.data).is_file():
         raise FileNotFoundError(f"--data {args.data}: no such file")
@@ -344,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_selfreward.threads import passive_waiting
+
+    passive_waiting()  # before anything loads OpenMP (torch): it reads the wait policy then
     # megatron-core warns at import that TE/apex are absent; the README says what runs instead.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
     # Deprecation notices from torch/megatron internals say nothing actionable to a user.

@@ -285,6 +285,10 @@ class ExecutorConfig:
     # Sharded generation across processes: torch.distributed (torchrun, srun) or mpi4py
     # (mpirun, srun --mpi=pmix); auto = mpi under mpirun, torch otherwise.
     shard_comm: Literal["auto", "torch", "mpi"] = "auto"
+    # CPU threads of each process (torch's intra-op pool and the C++ kernels' OpenMP team);
+    # 0 = the CPUs this process may use (affinity mask, cgroup quota, Slurm's --cpus-per-task)
+    # divided among the node's processes of the job (megatron_selfreward/threads.py).
+    cpu_threads: int = 0
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
@@ -574,6 +578,8 @@ def _check_pipeline_keys(cfg: Config) -> None:
     _require(d.eft_max_prompts >= 0, "data.eft_max_prompts", "must be >= 0 (0 = all)")
     _check_oasst_export(d)
     _require(cfg.pipeline.shard_size > 0, "pipeline.shard_size", "must be > 0")
+    _require(cfg.executor.cpu_threads >= 0, "executor.cpu_threads",
+             f"must be >= 0 (0 = the CPUs this process may use), got {cfg.executor.cpu_threads}")
     _require(cfg.pipeline.iterations >= 0, "pipeline.iterations", "must be >= 0")
     _require(pg.num_prompts > 0, "generation.prompts.num_prompts", "must be > 0")
     _require(pg.max_attempts >= 0, "generation.prompts.max_attempts", "must be >= 0 (0 = auto)")

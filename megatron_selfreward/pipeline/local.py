@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from megatron_selfreward.config import Config, save_resolved
 from megatron_selfreward.io import atomic_write_json
 from megatron_selfreward.megatron.parallel import read_dist_env
@@ -32,6 +34,7 @@ from megatron_selfreward.pipeline.plan import StageSpec, model_dir, spec_fingerp
 from megatron_selfreward.precision import describe
 from megatron_selfreward.stages.errors import StageError
 from megatron_selfreward.stages.manifest import is_done, manifest_path, write_manifest
+from megatron_selfreward.threads import threads_choice
 
 Log = Callable[[str], None]
 
@@ -250,7 +253,8 @@ def run_stage(cfg: Config, spec: StageSpec, ctx: StageContext) -> bool:
     env = read_dist_env()
     if env.rank != 0:
         return True
-    facts = {"memory": meter.result(), "precision": precision_record(cfg)}
+    facts = {"memory": meter.result(), "precision": precision_record(cfg),
+             "threads": {"intra_op": torch.get_num_threads(), "why": threads_choice()}}
     if counts is not None:
         write_manifest(spec.output, spec.name, fp or spec_fingerprint(spec), counts, started,
                        {"iteration": spec.iteration, "processes": env.world_size, "launcher": env.launcher,

@@ -16,6 +16,7 @@ from megatron_selfreward.config import Config, save_resolved
 from megatron_selfreward.pipeline.local import StageContext, run_local, run_stage, stage_done
 from megatron_selfreward.pipeline.plan import find_stage, iter_dir, plan
 from megatron_selfreward.stages.manifest import manifest_path
+from megatron_selfreward.threads import configure as configure_threads
 
 
 def _counts(path: Path) -> dict[str, Any]:
@@ -25,6 +26,8 @@ def _counts(path: Path) -> dict[str, Any]:
 
 def run(cfg: Config, log: Any = print) -> dict[str, Any]:
     """Every stage of the plan, in order; a summary of what ran and of the last iteration."""
+    threads, why = configure_threads(cfg.executor.cpu_threads)
+    log(f"threads: {threads} per process ({why})")
     summary = run_local(cfg, plan(cfg), log)
     last = iter_dir(Path(cfg.pipeline.run_dir), cfg.pipeline.iterations)
     judge = _counts(last / "judgements.jsonl")
@@ -48,6 +51,7 @@ def run_one(cfg: Config, name: str, iteration: int, log: Any = print, array: boo
     from megatron_selfreward.megatron.parallel import read_dist_env, single_process_world
     from megatron_selfreward.pipeline.workers import SHARDED_STAGES
 
+    configure_threads(cfg.executor.cpu_threads)
     stages = plan(cfg)
     spec = find_stage(stages, name, iteration)
     run_dir = Path(cfg.pipeline.run_dir)
