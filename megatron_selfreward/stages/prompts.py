@@ -15,7 +15,9 @@ decoded at T 0.6 / top-p 0.9. The completion is split on `\\n\\d+\\s?\\. ` (Self
 each candidate goes through Self-Instruct's filters; every rejection is counted by reason in the
 manifest: too short / too long (words), a blacklisted keyword, "Write a program", a leading
 punctuation or non-ASCII character, an exact duplicate, and ROUGE-L F > 0.7 against any existing
-instruction (the seed's and every prompt generated before, in this and earlier iterations).
+instruction (the seed's and every prompt generated before, in this and earlier iterations;
+rouge-score's tokens and arithmetic with Self-Instruct's strict `>`, scored in C++ a batch of
+candidates at a time: stages/rouge.py).
 Requests are made in rounds until `num_prompts` are accepted or `max_attempts` requests are used.
 `source: seed` skips generation and draws instructions from the IFT seed instead (a documented
 deviation for the random-init test model, which cannot self-instruct).
@@ -39,6 +41,7 @@ from megatron_selfreward.generation.engine import GenerationRequest, SamplingPar
 from megatron_selfreward.io import read_records, write_jsonl
 from megatron_selfreward.records import Prompt, SFTExample
 from megatron_selfreward.stages.errors import StageError
+from megatron_selfreward.stages.rouge import RougeLIndex, rouge_tokens
 
 TEMPLATE_HEADER = "Come up with a series of tasks:\n"
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
@@ -46,35 +49,6 @@ BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file"
 STOP_STRINGS = ["\n\n", "\n16", "16.", "16 ."]
 _SPLIT = re.compile(r"\n\d+\s?\. ")
 _BLACKLIST = [re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE) for word in BLACKLIST]
-
-
-# ---------------------------------------------------------------------------------------------
-# ROUGE-L (Lin 2004): longest common subsequence of lower-cased word tokens
-
-
-def rouge_tokens(text: str) -> list[str]:
-    """Lower-cased alphanumeric words, as rouge_score's default tokenizer (no stemming)."""
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev_diag = 0
-        for j, y in enumerate(b, start=1):
-            prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
-
-
-def rouge_l_f(candidate: Sequence[str], reference: Sequence[str]) -> float:
-    """ROUGE-L F-measure (beta = 1) between two token lists; 0 when either is empty."""
-    lcs = lcs_length(candidate, reference)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(candidate), lcs / len(reference)
-    return 2 * precision * recall / (precision + recall)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,27 +88,72 @@ def reject_reason(text: str, min_words: int, max_words: int) -> str | None:
     return None
 
 
+def _dedup_key(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
 class Pool:
-    """The existing instructions a new one is compared with (seed + everything generated)."""
+    """The existing instructions a new one is compared with (seed + everything generated).
+
+    A candidate is a "duplicate" when it equals a member up to whitespace and case, else
+    "rouge_l_similar" when its ROUGE-L F with some member is > `threshold` (Self-Instruct's
+    strict comparison, rouge-score's tokens and arithmetic; see stages/rouge.py).
+    """
+
+    # Candidates compared with the pool in one go by `screen` (then among themselves, in order).
+    batch_size = 2048
 
     def __init__(self, texts: Iterable[str], threshold: float) -> None:
         self.threshold = threshold
         self.exact: set[str] = set()
-        self.tokens: list[list[str]] = []
-        for text in texts:
-            self.add(text)
+        self.index = RougeLIndex(threshold)
+        texts = list(texts)
+        self.exact.update(map(_dedup_key, texts))
+        for seq in self.index.encode([rouge_tokens(t) for t in texts]):
+            self.index.add_encoded(seq)
 
     def add(self, text: str) -> None:
-        self.exact.add(" ".join(text.split()).casefold())
-        self.tokens.append(rouge_tokens(text))
+        self.exact.add(_dedup_key(text))
+        self.index.add(rouge_tokens(text))
 
     def reason(self, text: str) -> str | None:
-        if " ".join(text.split()).casefold() in self.exact:
+        """Why `text` would be rejected now (None: it would be kept); the pool is unchanged."""
+        if _dedup_key(text) in self.exact:
             return "duplicate"
-        candidate = rouge_tokens(text)
-        if any(rouge_l_f(candidate, ref) > self.threshold for ref in self.tokens):
-            return "rouge_l_similar"
-        return None
+        return "rouge_l_similar" if self.index.similar(self.index.encode([rouge_tokens(text)]))[0] else None
+
+    def screen(self, texts: Sequence[str], limit: int | None = None) -> list[str | None]:
+        """Judge `texts` in order, adding each kept one before the next is judged.
+
+        Returns a reason per text: None for the ones added, "over_quota" for ones that passed
+        after `limit` texts had been added, else "duplicate" / "rouge_l_similar". Equivalent to
+        `reason` then `add` one by one; batched so the pool is scanned once per `batch_size`.
+        """
+        reasons: list[str | None] = []
+        room = len(texts) if limit is None else limit
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start:start + self.batch_size]
+            keys = [_dedup_key(t) for t in chunk]
+            seqs = self.index.encode([rouge_tokens(t) for t in chunk])
+            in_pool = self.index.similar(seqs)
+            # Only candidates that survive the pool can be kept, so only they can block later ones.
+            alive = [i for i, key in enumerate(keys) if key not in self.exact and not in_pool[i]]
+            earlier = dict(zip(alive, self.index.similar_pairs([seqs[i] for i in alive])))
+            kept: set[int] = set()
+            for i, key in enumerate(keys):
+                if key in self.exact:
+                    reason = "duplicate"
+                elif in_pool[i] or any(alive[j] in kept for j in earlier.get(i, ())):
+                    reason = "rouge_l_similar"
+                elif room <= 0:
+                    reason = "over_quota"
+                else:
+                    reason, room = None, room - 1
+                    self.exact.add(key)
+                    kept.add(i)
+                    self.index.add_encoded(seqs[i])
+                reasons.append(reason)
+        return reasons
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,17 +218,23 @@ def run_generate_prompts(cfg: Config, iteration: int, ift_path: Path, earlier: S
                 rejected["few_shot_prompt_too_long"] += 1
             else:
                 batch.append(request)
+        passed = []  # candidates of this round that pass the per-instruction filters, in order
         for result in policy.engine.generate(batch) if batch else []:
             sample = result.samples[0]
             for text in split_completion(sample.text, sample.finish_reason == "length"):
                 candidates += 1
-                reason = reject_reason(text, pg.min_words, pg.max_words) or pool.reason(text)
-                if reason is None and len(accepted) < pg.num_prompts:
-                    pool.add(text)
-                    accepted.append(Prompt(prompt_id=f"iter{iteration}-p{len(accepted):05d}", text=text,
-                                           source=f"self-instruct:iter{iteration}"))
+                reason = reject_reason(text, pg.min_words, pg.max_words)
+                if reason is None:
+                    passed.append(text)
                 else:
-                    rejected[reason or "over_quota"] += 1
+                    rejected[reason] += 1
+        # Each kept candidate joins the pool before the next one is compared (pool.screen).
+        for text, reason in zip(passed, pool.screen(passed, limit=pg.num_prompts - len(accepted))):
+            if reason is None:
+                accepted.append(Prompt(prompt_id=f"iter{iteration}-p{len(accepted):05d}", text=text,
+                                       source=f"self-instruct:iter{iteration}"))
+            else:
+                rejected[reason] += 1
     counts = {"source": "self_instruct", "accepted": len(accepted), "requested": pg.num_prompts,
               "attempts": attempts, "max_attempts": max_attempts,
               "attempt_cap_reached": len(accepted) < pg.num_prompts, "candidates": candidates,

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_selfreward.stages.prompts import (
-    Pool,
-    lcs_length,
-    reject_reason,
-    render_few_shot,
-    rouge_l_f,
-    rouge_tokens,
-    split_completion,
-)
+from megatron_selfreward.stages.prompts import Pool, reject_reason, render_few_shot, split_completion
+from megatron_selfreward.stages.rouge import lcs_length, rouge_l_f, rouge_tokens
 
 
 def test_rouge_tokens_lowercase_alphanumeric_words():
