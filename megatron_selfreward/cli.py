@@ -163,7 +163,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from megatron_selfreward.perf.memory_plan import format_plan, plan_layouts
+    from megatron_selfreward.perf.memory_plan import (format_generation_plan, format_plan,
+                                                      generation_plan, plan_layouts)
 
     cfg = _load(args)
     slurm = cfg.executor.slurm
@@ -173,6 +174,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                          headroom=args.headroom)
     print(f"{nodes} node(s) x {gpus_per_node} GPUs")
     print(format_plan(cfg, plans, args.gpu_mem_gib, args.headroom, phase=args.phase))
+    print()
+    print(format_generation_plan(cfg, generation_plan(cfg, gpus_per_node, args.gpu_mem_gib,
+                                                      headroom=args.headroom)))
     return 0
 
 

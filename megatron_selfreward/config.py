@@ -189,6 +189,13 @@ class GenerationConfig:
     # export directly (no engine build); "tensorrt" = its legacy TensorRT-engine backend, an
     # engine built once per model into models/M<t>/trtllm/ (releases that still have it).
     trtllm_backend: Literal["pytorch", "tensorrt"] = "pytorch"
+    # The generation layout, independent of training's: each replica of the model runs with
+    # this tensor parallel size and no pipeline parallelism (0 = training's TP); the processes
+    # of a sampling/judging job form replicas of it and split the prompts among them.
+    # Megatron engine: a replica is a TP group of torch.distributed ranks, loaded from the
+    # training checkpoint resharded to this TP. TensorRT-LLM: a replica is one launcher task
+    # whose LLM spans this many GPUs.
+    tensor_parallel_size: int = 0
     responses_per_prompt: int = 4
     temperature: float = 0.7
     top_p: float = 0.9
@@ -494,6 +501,7 @@ def _check_positive(cfg: Config) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if f.name in ("world_size", "max_steps", "top_k", "weight_decay", "score_low",
+                          "tensor_parallel_size",
                           "hidden_dropout", "attention_dropout", "warmup_fraction", "min_lr"):
                 _require(value >= 0, f"{section}.{f.name}", f"must be >= 0, got {value}")
             else:
@@ -521,6 +529,22 @@ def _check_model(cfg: Config) -> None:
              f"model.source={m.source!r} needs model.path (a file or directory to import)")
     for name in ("hidden_dropout", "attention_dropout"):
         _require(getattr(m, name) < 1.0, f"model.{name}", "must be below 1.0")
+
+
+def generation_tp(cfg: Config) -> int:
+    """Tensor parallel size of a generation replica (generation.tensor_parallel_size, 0 = training's)."""
+    return cfg.generation.tensor_parallel_size or cfg.parallel.tensor_model_parallel_size
+
+
+def _check_generation_layout(cfg: Config) -> None:
+    m, tp = cfg.model, generation_tp(cfg)
+    key = "generation.tensor_parallel_size"
+    _require(cfg.generation.tensor_parallel_size >= 0, key,
+             f"must be >= 0 (0 = training's TP), got {cfg.generation.tensor_parallel_size}")
+    for what, count in (("attention heads", m.num_attention_heads),
+                        ("query groups (KV heads)", m.num_query_groups),
+                        ("ffn_hidden_size", m.ffn_hidden_size)):
+        _require(count % tp == 0, key, f"{what} {count} are not divisible by generation TP={tp}")
 
 
 def _check_world(cfg: Config) -> None:
@@ -632,6 +656,7 @@ def validate(cfg: Config) -> None:
     _check_slurm(cfg)
     _check_model(cfg)
     _check_world(cfg)
+    _check_generation_layout(cfg)
     _check_eval(cfg)
     _require(not cfg.precision.fp8 or cfg.precision.params_dtype == "bfloat16",
              "precision.fp8", "FP8 training runs with bfloat16 params (set precision.params_dtype)")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from megatron_selfreward.config import Config
+from megatron_selfreward.config import Config, generation_tp
 from megatron_selfreward.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 
@@ -83,14 +83,15 @@ def load_trtllm_policy(cfg: Config, model_dir: Path) -> Policy:
 
 
 def generation_config(cfg: Config) -> Config:
-    """The config a generation model is built with: sequence parallelism off. Decode steps feed
-    one token per row, which cannot be split over TP ranks; megatron's own static inference
-    switches it off the same way (`set_model_to_sequence_parallel(model, False)` in
-    megatron.core's text_generation_controller). A checkpoint trained with it loads unchanged:
-    sequence parallelism splits activations, never weights."""
-    if not cfg.parallel.sequence_parallel:
-        return cfg
-    return replace(cfg, parallel=replace(cfg.parallel, sequence_parallel=False))
+    """The config a generation model and its world are built with: the generation layout
+    (`generation.tensor_parallel_size`, no pipeline parallelism), not training's. The training
+    checkpoint reshards on load to it. Sequence parallelism is off: decode steps feed one token
+    per row, which cannot be split over TP ranks; megatron's own static inference switches it
+    off the same way (`set_model_to_sequence_parallel(model, False)` in megatron.core's
+    text_generation_controller); it splits activations, never weights."""
+    parallel = replace(cfg.parallel, tensor_model_parallel_size=generation_tp(cfg),
+                       pipeline_model_parallel_size=1, sequence_parallel=False, world_size=0)
+    return cfg if parallel == cfg.parallel else replace(cfg, parallel=parallel)
 
 
 def load_policy(cfg: Config, model_dir: Path) -> Policy:

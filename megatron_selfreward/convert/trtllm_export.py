@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from megatron_selfreward.config import Config, load_config
+from megatron_selfreward.config import Config, generation_tp, load_config
 from megatron_selfreward.generation.trtllm_api import (  # noqa: F401 - INSTALL_HINT: this module's name for it
     INSTALL_HINT, build_config_class, check_trtllm_version, tensorrt_llm_class)
 
@@ -90,7 +90,8 @@ def build_spec(cfg: Config, hf_dir: str | os.PathLike[str], engine_dir: str | os
         raise ValueError(f"max_input_len must be in [1, model.max_seq_len={max_seq_len}), got {max_input_len}")
     return BuildSpec(
         hf_dir=str(hf_dir), engine_dir=str(engine_dir),
-        tp_size=cfg.parallel.tensor_model_parallel_size, pp_size=cfg.parallel.pipeline_model_parallel_size,
+        # The generation layout, not training's (config.generation_tp): one replica, PP = 1.
+        tp_size=generation_tp(cfg), pp_size=1,
         max_batch_size=cfg.generation.batch_size,
         max_input_len=max_seq_len - longest_output if max_input_len is None else max_input_len,
         max_seq_len=max_seq_len, gather_generation_logits=gather_generation_logits,
@@ -288,7 +289,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--convert-script", default="",
                         help="TensorRT-LLM's examples/.../llama/convert_checkpoint.py (trtllm-build method)")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.tensor_model_parallel_size=8")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. generation.tensor_parallel_size=8")
     return parser.parse_args(argv)
 
 

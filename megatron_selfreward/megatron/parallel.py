@@ -143,9 +143,11 @@ def select_cuda_device(local_rank: int) -> int | None:
 
 
 def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None,
-                     timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> DistEnv:
+                     timeout: datetime.timedelta = datetime.timedelta(minutes=30),
+                     training: bool = True) -> DistEnv:
     """Start torch.distributed and megatron's TP/PP/DP groups as the config says; `timeout`
-    bounds every collective of a process group started here."""
+    bounds every collective of a process group started here. `training=False` (a generation
+    world, `policy.generation_config`): the SFT/DPO batch sizes need not divide over its DP."""
     compat.require_megatron_core()
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
@@ -164,7 +166,8 @@ def init_distributed(cfg: Config, environ: Mapping[str, str] | None = None,
             f"config key 'parallel.tensor_model_parallel_size': world size {env.world_size} is not "
             f"divisible by TP x PP = {model_parallel}"
         )
-    check_batch_layout(cfg, env.world_size)
+    if training:
+        check_batch_layout(cfg, env.world_size)
     select_cuda_device(env.local_rank)
     if not dist.is_initialized():
         start_process_group(env, timeout)

@@ -273,3 +273,80 @@ def format_plan(cfg: Config, plans: list[Plan], gpu_mem_gib: float, headroom: fl
                  "DO: distributed optimizer")
     return "\n".join(lines)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: its own layout (config.generation_tp, PP = 1), replicas over the job's GPUs
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    tp: int
+    replicas: int
+    gpus_used: int
+    gpus_total: int
+    weights: int  # bytes per GPU
+    kv_cache: int  # bytes per GPU
+    fits: bool
+    sample_prompts: int  # per replica
+    judge_requests: int  # per replica (responses x judge samples)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache
+
+
+def generation_plan(cfg: Config, gpus_per_node: int, gpu_mem_gib: float, *,
+                    headroom: float = 0.10) -> GenerationPlan:
+    """The generation layout of a sampling/judging job (a Slurm job array of
+    `executor.slurm.array_tasks` tasks of `array_nodes` nodes each): TP per replica, replicas,
+    weights + KV cache per GPU, prompts per replica. With TensorRT-LLM one array task is one
+    replica (its LLM spans TP GPUs); with the Megatron engine every GPU of a task runs a rank,
+    TP ranks per replica."""
+    from megatron_selfreward.config import generation_tp
+
+    slurm = cfg.executor.slurm
+    tp = generation_tp(cfg)
+    gpus_total = slurm.array_tasks * slurm.array_nodes * gpus_per_node
+    if cfg.generation.engine == "trtllm":
+        replicas = slurm.array_tasks if slurm.array_nodes * gpus_per_node >= tp else 0
+    else:
+        replicas = gpus_total // tp
+    layout = Layout(tp, 1, max(replicas, 1), False, False)
+    w, _, _ = model_state_bytes_per_param(cfg, layout)
+    weights = int(stage_parameters(cfg, tp, 1, 0) * w)
+    kv = kv_cache_bytes(cfg, layout)
+    prompts = cfg.generation.prompts.num_prompts
+    responses = prompts * cfg.generation.responses_per_prompt
+    per = max(replicas, 1)
+    return GenerationPlan(
+        tp=tp, replicas=replicas, gpus_used=replicas * tp, gpus_total=gpus_total, weights=weights,
+        kv_cache=kv, fits=weights + kv <= gpu_mem_gib * (1 - headroom) * GIB,
+        sample_prompts=-(-prompts // per),
+        judge_requests=-(-responses * cfg.judge.samples_per_response // per))
+
+
+def format_generation_plan(cfg: Config, plan: GenerationPlan) -> str:
+    slurm = cfg.executor.slurm
+    engine = cfg.generation.engine
+    lines = [
+        f"generation (sample_responses, judge_responses): engine {engine}, TP {plan.tp} x PP 1 "
+        f"per replica (generation.tensor_parallel_size; training: TP "
+        f"{cfg.parallel.tensor_model_parallel_size} x PP {cfg.parallel.pipeline_model_parallel_size})",
+        f"  job array: {slurm.array_tasks} task(s) x {slurm.array_nodes} node(s) = "
+        f"{plan.gpus_total} GPUs -> {plan.replicas} replica(s) on {plan.gpus_used} GPUs",
+        f"  per GPU: weights {plan.weights / GIB:.1f} GiB + KV cache {plan.kv_cache / GIB:.1f} GiB "
+        f"(batch {cfg.generation.batch_size} x {cfg.model.max_seq_len} tokens) = "
+        f"{plan.total / GIB:.1f} GiB: {'fits' if plan.fits else 'does NOT fit'}",
+        f"  per replica: {plan.sample_prompts} prompts to sample "
+        f"(x{cfg.generation.responses_per_prompt} responses), {plan.judge_requests} judge samples",
+    ]
+    if plan.replicas == 0:
+        per_task = plan.gpus_total // max(slurm.array_tasks, 1)
+        lines.append(f"  NO replica fits a task: TP {plan.tp} needs {plan.tp} GPUs, a task has "
+                     f"{per_task} (raise executor.slurm.array_nodes or lower "
+                     "generation.tensor_parallel_size)")
+    elif plan.gpus_used < plan.gpus_total:
+        lines.append(f"  {plan.gpus_total - plan.gpus_used} GPU(s) idle: TensorRT-LLM runs one replica "
+                     "per array task (more, smaller tasks use them)")
+    return "\n".join(lines)

@@ -4,9 +4,14 @@ A sharded stage run by N processes splits its shards by data-parallel worker (se
 `stages/shards.py`); this module forms that group from the launcher:
 
 - one process (no launcher): every shard, and it gathers;
-- torchrun / srun (`executor.shard_comm: torch`): torch.distributed with the config's TP/PP. The
-  model is tensor-parallel inside each data-parallel group; DP rank r of n takes shards
-  i % n == r; only TP rank 0 writes; global rank 0 gathers after a barrier;
+- torchrun / srun (`executor.shard_comm: torch`): torch.distributed in the generation layout
+  (`generation.tensor_parallel_size`, PP = 1; `policy.generation_config`), not training's: each
+  replica is a TP group, replica r of n takes shards i % n == r; only TP rank 0 writes; global
+  rank 0 gathers after a barrier;
+- TensorRT-LLM (`generation.engine: trtllm`): a replica is one process whose LLM spans
+  `generation.tensor_parallel_size` GPUs itself (started under `trtllm-llmapi-launch` on a
+  cluster, where the other ranks of the launch are TensorRT-LLM's workers, not ours): one
+  worker per process, and the replicas of a stage are the tasks of its Slurm job array;
 - MPI (`mpirun`, or `srun --mpi=pmix` with `executor.shard_comm: mpi`): mpi4py's COMM_WORLD, one
   whole model per rank (TP = 1), no torch.distributed between ranks;
 - one task of a Slurm job array (`selfreward stage ... --array`): array task a of A, times the
@@ -25,7 +30,8 @@ import datetime
 import os
 from typing import Any, Callable, Iterator, Mapping
 
-from megatron_selfreward.config import Config, ConfigError
+from megatron_selfreward.config import Config, ConfigError, generation_tp
+from megatron_selfreward.policy import generation_config
 from megatron_selfreward.stages.shards import GATHER_ONLY, SINGLE, Workers
 
 SHARDED_STAGES = frozenset({"sample_responses", "judge_responses"})
@@ -61,13 +67,10 @@ def _within_array(inner: Workers, environ: Mapping[str, str]) -> Workers:
                    collective_load=inner.collective_load)
 
 
-def _torch_workers(cfg: Config) -> Workers:
+def _torch_workers() -> Workers:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    if cfg.parallel.pipeline_model_parallel_size != 1:
-        raise ConfigError("config key 'parallel.pipeline_model_parallel_size': generation runs with "
-                          "pipeline parallel size 1 (use tensor parallelism to split a large model)")
     tp_rank = ps.get_tensor_model_parallel_rank()
     return Workers(rank=ps.get_data_parallel_rank(), size=ps.get_data_parallel_world_size(),
                    writes=tp_rank == 0, gathers=dist.get_rank() == 0, barrier=dist.barrier,
@@ -81,9 +84,9 @@ def _mpi_workers(cfg: Config) -> Workers:
     except ImportError as err:
         raise ConfigError("config key 'executor.shard_comm' is 'mpi' but mpi4py cannot be imported: "
                           "pip install mpi4py (with an MPI library such as Debian's openmpi-bin)") from err
-    if cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size != 1:
+    if generation_tp(cfg) != 1 and cfg.generation.engine == "megatron":
         raise ConfigError("config key 'executor.shard_comm': 'mpi' runs one whole model per rank; "
-                          "with TP/PP > 1 use 'torch' (torchrun or srun)")
+                          "with generation.tensor_parallel_size > 1 use 'torch' (torchrun or srun)")
     comm = MPI.COMM_WORLD
     return Workers(rank=comm.Get_rank(), size=comm.Get_size(), gathers=comm.Get_rank() == 0,
                    barrier=comm.Barrier, name=f"mpi[{comm.Get_size()}]")
@@ -104,10 +107,22 @@ def generation_workers(cfg: Config, array: bool = False, gather_only: bool = Fal
         return
     launched = read_dist_env(env)
     comm = shard_comm(cfg, launched.launcher)
+    if cfg.generation.engine == "trtllm":
+        # One replica per process; no torch.distributed world (TensorRT-LLM forms its own).
+        if launched.rank != 0:
+            raise ConfigError(
+                f"config key 'generation.engine': with trtllm each replica is one process whose LLM "
+                f"spans generation.tensor_parallel_size={generation_tp(cfg)} GPUs, but this is rank "
+                f"{launched.rank} of {launched.world_size} ({launched.launcher}): start the stage as one "
+                "process (srun ... trtllm-llmapi-launch, which runs it on rank 0 and TensorRT-LLM's "
+                "workers on the others), and use a Slurm job array for more replicas")
+        with single_process_world(cfg.pipeline.seed):
+            yield _within_array(SINGLE, env) if array else SINGLE
+        return
     if launched.world_size > 1 and comm == "torch":
-        init_distributed(cfg, env, timeout=BARRIER_TIMEOUT)
+        init_distributed(generation_config(cfg), env, timeout=BARRIER_TIMEOUT, training=False)
         try:
-            workers = _torch_workers(cfg)
+            workers = _torch_workers()
             yield _within_array(workers, env) if array else workers
         finally:
             destroy_distributed()

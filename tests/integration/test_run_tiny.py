@@ -166,25 +166,32 @@ def _copy_without(run_dir: Path, dest: Path, *patterns: str) -> Path:
 @pytest.mark.slow
 def test_sampling_split_over_two_torchrun_ranks_equals_one_process(tiny_run, tmp_path):
     """Data-parallel sharded generation: each rank computes every other shard, rank 0 gathers
-    in input order; the records equal a one-process run of the same shards."""
+    in input order; the records equal a one-process run of the same shards. And generation has a
+    layout of its own: with training at PP=2 (which generation cannot run) and
+    generation.tensor_parallel_size=2, the two ranks form one TP=2 replica, loaded from the TP=1
+    checkpoint resharded, with the same records."""
     run_dir, seed, _ = tiny_run
     results = {}
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    for name, launcher in (("one", []), ("two", torchrun)):
+    own_layout = ["parallel.pipeline_model_parallel_size=2", "generation.tensor_parallel_size=2"]
+    for name, launcher, layout in (("one", [], []), ("two", torchrun, []),
+                                   ("tp2", torchrun, own_layout)):
         copy = _copy_without(run_dir, tmp_path / name, "responses*", "judgements*", "pairs*")
         # torchrun takes `-m megatron_selfreward.cli` as its own --module flag
         cmd = [sys.executable, *launcher, "-m", "megatron_selfreward.cli", "stage", "sample_responses",
                "--iteration", "1", "--config", "tiny", f"pipeline.run_dir={copy}", f"data.seed={seed}",
-               *SCORE_SFT_OVERRIDES, "pipeline.shard_size=1"]
+               *SCORE_SFT_OVERRIDES, "pipeline.shard_size=1", *layout]
         env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         results[name] = (read_records(copy / "iter1" / "responses.jsonl", Response),
                          json.loads((copy / "iter1" / "responses.manifest.json").read_text()))
-    (one, _), (two, manifest) = results["one"], results["two"]
+    (one, _), (two, manifest), (tp2, tp2_manifest) = results["one"], results["two"], results["tp2"]
     assert [r.to_dict() for r in two] == [r.to_dict() for r in one] and len(one) == 16
     assert manifest["engine"]["workers"] == 2 and manifest["engine"]["shards_computed"] == 4
     assert manifest["engine"]["samples"] == 16  # summed over both ranks
+    assert [r.to_dict() for r in tp2] == [r.to_dict() for r in one]
+    assert tp2_manifest["engine"]["workers"] == 1 and tp2_manifest["engine"]["samples"] == 16
 
 
 @pytest.mark.slow
