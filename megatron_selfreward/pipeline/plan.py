@@ -2,7 +2,7 @@
 
 Each `StageSpec` names a stage (a verb from `stages/`), the iteration it belongs to, the files it
 reads and writes, whether it is a multi-process (torchrun / srun) job, and the config values its
-result depends on (`params`). Executors (`pipeline/local.py`; a Slurm executor later) run the list
+result depends on (`params`). Executors (`pipeline/local.py`, `pipeline/slurm.py`) run the list
 in order; nothing decides the schedule anywhere else. A stage is done when the manifest next to
 its first output matches `spec_fingerprint(spec)`.
 
@@ -10,15 +10,14 @@ its first output matches `spec_fingerprint(spec)`.
         -> evaluate(M1)
     for t in 1..T: generate_prompts -> sample_responses -> judge_responses -> build_pairs
                    -> train_dpo(M_{t+1}) -> evaluate(M_{t+1})
-    [report]
+    report
 
 `evaluate` (stages/evaluate.py) reports on each new model against the one before it; `report`
-joins the plan when `megatron_selfreward.report` exists (it is written separately).
+(megatron_selfreward/report/) writes the run's report last.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,14 +77,6 @@ def spec_fingerprint(spec: StageSpec) -> dict[str, Any]:
             inputs[name] = path
     params = {**spec.params, "input_dir_listings": listings} if listings else spec.params
     return fingerprint(inputs, params)
-
-
-def _optional_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
-
-
-def has_report() -> bool:
-    return _optional_module("megatron_selfreward.report")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,8 +203,7 @@ def plan(cfg: Config) -> list[StageSpec]:
     stages = _seed_stages(cfg, run_dir)
     for t in range(1, cfg.pipeline.iterations + 1):
         stages += _iteration_stages(cfg, run_dir, t)
-    if has_report():
-        stages.append(StageSpec("report", 0, {}, {"report": run_dir / "report" / "report.md"}))
+    stages.append(StageSpec("report", 0, {}, {"report": run_dir / "report" / "report.md"}))
     return stages
 
 
