@@ -20,17 +20,16 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+
+from megatron_selfreward.publish import refuse_existing, staged_directory
 
 __all__ = ["GGUFImportError", "check_gguf_file", "import_gguf"]
 
@@ -90,14 +89,14 @@ def import_gguf(
     if dtype not in _TORCH_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
     torch_dtype = _TORCH_DTYPES[dtype]
-    _refuse_existing(out_dir, overwrite)
+    refuse_existing(out_dir, overwrite)  # before any work; again when publishing
 
     reader = _open_gguf(gguf_path)
     config = _llama_config(reader, gguf_path, dtype)
     specs = _plan_tensors(reader, config, gguf_path)
     tokenizer = _load_tokenizer(gguf_path)
 
-    with _staging_dir(out_dir, overwrite) as staging:
+    with staged_directory(out_dir, overwrite=overwrite) as staging:
         _write_json(staging / "config.json", config)
         _write_json(staging / "generation_config.json", _generation_config(config))
         metadata = {"format": "pt", "converted_from": gguf_path.name}
@@ -449,53 +448,3 @@ def _write_tokenizer(tokenizer: Any, out_dir: Path, max_length: int) -> None:
 def _write_json(path: Path, obj: Any) -> None:
     # Only ever called inside the staging directory, which is published by one rename.
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _refuse_existing(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not empty (pass overwrite=True to replace it)")
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Flush every file and the directory itself, so the rename publishes data, not holes."""
-    for path in directory.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _staging_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a hidden directory next to ``out_dir``; on success rename it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Same parent: a rename is only atomic within one filesystem.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        yield staging
-        _fsync_tree(staging)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private
-        _publish(staging, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _publish(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    _refuse_existing(out_dir, overwrite)  # it may have appeared while we converted
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        # Move the old one aside first: a rename cannot replace a non-empty directory.
-        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        os.replace(out_dir, retired / out_dir.name)
-        os.replace(staging, out_dir)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
-    fd = os.open(out_dir.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

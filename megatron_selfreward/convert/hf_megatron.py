@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -54,6 +53,7 @@ from megatron_selfreward.convert.llama_map import (
 from megatron_selfreward.io import atomic_write_json, atomic_write_text
 from megatron_selfreward.megatron.checkpoint import MODEL_PREFIX
 from megatron_selfreward.megatron.parallel import serial_intra_op
+from megatron_selfreward.publish import staged_directory
 
 __all__ = [
     "ConversionError",
@@ -74,25 +74,6 @@ class ConversionError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Shared plumbing
-
-
-@contextlib.contextmanager
-def _staged_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a hidden directory beside `out_dir`; rename it into place only on success."""
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
 
 
 @contextlib.contextmanager
@@ -244,7 +225,7 @@ def convert_hf_to_megatron(
                                 path=str(out_dir.resolve()))
     weights_dtype = _check_hf_tensors(weights, model)
     cfg = _conversion_config(model, getattr(torch, dtype) if dtype else weights_dtype)
-    with _staged_output(out_dir, overwrite) as staging:
+    with staged_directory(out_dir, overwrite=overwrite) as staging:
         _write_megatron(weights, cfg, staging)
         header = "# The model section of megatron_selfreward's config for this checkpoint.\n"
         atomic_write_text(staging / MODEL_CONFIG_FILE,
@@ -353,7 +334,7 @@ def convert_megatron_to_hf(
     out_dtype = getattr(torch, dtype) if dtype else getattr(torch, cfg.precision.params_dtype)
     base_path = ckpt_dir / HF_CONFIG_FILE
     base = json.loads(base_path.read_text()) if base_path.is_file() else None
-    with _staged_output(out_dir, overwrite) as staging, _conversion_world():
+    with staged_directory(out_dir, overwrite=overwrite) as staging, _conversion_world():
         reader = _LayerReader(ckpt_dir, _meta_layout(cfg), model.num_layers)
         items = [(n, s, out_dtype) for n, s in hf_tensor_shapes(cfg).items()]
         write_hf_weights(staging, items,

@@ -2,7 +2,8 @@
 
 Weights are saved through `megatron.core.dist_checkpointing` from the model's sharded state
 dict, so a checkpoint written at one layout loads at another (resharding on load). A checkpoint
-directory appears only when complete: ranks write into `<dir>.tmp` and rank 0 renames it.
+directory appears only when complete: ranks write into a hidden staging directory beside it and
+rank 0 renames it (`megatron_selfreward.publish`).
 
 A training checkpoint (`save_train_state`) adds, in the same directory: the optimizer state
 (megatron's sharded optimizer state; the distributed optimizer in its `dp_reshardable` format,
@@ -14,15 +15,14 @@ every later op of the process about twofold on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from megatron_selfreward.megatron.parallel import serial_intra_op
+from megatron_selfreward.publish import staged_directory
 
 MODEL_PREFIX = "model."
 OPTIMIZER_KEY = "optimizer"
@@ -30,13 +30,6 @@ TRAINER_STATE = "trainer_state.json"
 # The only distributed-optimizer format that saved and resumed exactly with megatron-core 0.16 on
 # CPU; the default (fully_sharded_model_space) raises "flattened_range is not supported".
 DIST_OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rank() -> int:
@@ -52,22 +45,10 @@ def unwrap(model: Any) -> Any:
     return model
 
 
-@contextlib.contextmanager
-def _atomic_dir(directory: str | Path) -> Iterator[Path]:
-    """All ranks write into `<dir>.tmp`; rank 0 renames it to `<dir>` once everyone is done."""
-    target = Path(directory)
-    tmp = target.with_name(target.name + ".tmp")
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    yield tmp
-    _barrier()
-    if _rank() == 0:
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    _barrier()
+def _atomic_dir(directory: str | Path):
+    """All ranks write into one staging directory beside `directory`; rank 0 renames it into
+    place once everyone is done (torch's checkpoint writer syncs its own files)."""
+    return staged_directory(directory, overwrite=True, collective=True, sync_files=False)
 
 
 def save_model(model: Any, directory: str | Path) -> Path:
@@ -216,7 +197,7 @@ def load_train_state(model_chunks: list[Any], optimizer: Any, directory: str | P
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The newest complete `step_N` checkpoint under `directory` (`.tmp` dirs are incomplete)."""
+    """The newest complete `step_N` checkpoint under `directory` (staging directories are hidden)."""
     root = Path(directory)
     best: tuple[int, Path] | None = None
     for child in root.glob("step_*") if root.is_dir() else []:

@@ -300,6 +300,7 @@ def test_failure_while_writing_leaves_nothing(hf_dir, tmp_path, monkeypatch):
         convert_hf_to_megatron(hf_dir, tmp_path / "out")
     assert_no_output(tmp_path / "out")
     (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "weights").write_text("someone's")  # an empty directory would be reused
     with pytest.raises(FileExistsError):
         convert_hf_to_megatron(hf_dir, tmp_path / "exists")
 
