@@ -17,7 +17,7 @@
                                                             of a run directory (finished or not)
     selfreward profile STAGE --iteration T [--config ...] [key=value ...] [--out DIR]
                                                             one stage under torch.profiler: Chrome
-                                                            trace + top ops (perf/profile.py)
+                                                            trace + top ops (pipeline/profile.py)
     selfreward doctor  [--config NAME|PATH] [key=value ...] [--json]
                                                             can this machine run the config: versions,
                                                             GPUs, TE/FP8, TRT-LLM, MPI, Slurm, CPU;
@@ -222,6 +222,14 @@ def _nonempty(records: list, path: str, kind: str) -> list:
     return records
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from megatron_selfreward.pipeline.profile import profile_stage
+
+    profile_stage(_load(args), args.name, args.iteration, Path(args.out) if args.out else None,
+                  in_place=args.in_place, keep_outputs=args.keep_outputs, top=args.top)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import json
 
@@ -347,9 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--out", help="output dir (default: <pipeline.run_dir>/train_<task>); "
                                      "rerunning on it resumes from the newest checkpoint")
         t.set_defaults(func=cmd_train)
-    from megatron_selfreward.perf.profile import add_profile_parser  # selfreward profile
+    from megatron_selfreward.pipeline.profile import add_profile_parser  # selfreward profile
 
-    add_profile_parser(sub, _config_args)
+    add_profile_parser(sub, _config_args, cmd_profile)
     return parser
 
 

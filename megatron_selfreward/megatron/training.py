@@ -128,7 +128,7 @@ def causal_batch(tokens: torch.Tensor, loss_mask: torch.Tensor | None = None) ->
     return {"tokens": inputs, "labels": labels, "loss_mask": mask, "position_ids": positions}
 
 
-def _token_loss_sum(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def token_loss_sum(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Megatron's 3-tuple loss contract: (sum of token losses, token count, values to log)."""
     mask = loss_mask.reshape(-1).float()
     loss_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
@@ -177,7 +177,7 @@ def lm_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any
         attention_mask=batch.get("attention_mask"),
         labels=batch["labels"],
     )
-    return per_token_loss, partial(_token_loss_sum, batch["loss_mask"])
+    return per_token_loss, partial(token_loss_sum, batch["loss_mask"])
 
 
 def reduce_report_sums(reports: list[dict[str, torch.Tensor]], key: str, width: int) -> torch.Tensor:

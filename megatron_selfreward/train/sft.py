@@ -26,7 +26,7 @@ def _summarize(sums: torch.Tensor) -> dict[str, float]:
 def sft_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any):
     """Per-token cross entropy on the target tokens; the loss mask also tells the model where the
     output layer is needed at all (see `megatron.model.target_token_nll`)."""
-    from megatron_selfreward.megatron.training import _token_loss_sum, next_batch
+    from megatron_selfreward.megatron.training import token_loss_sum, next_batch
 
     batch = next_batch(data_iterator, model)
     per_token_loss = model(
@@ -34,7 +34,7 @@ def sft_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: An
         # None = megatron's causal mask; packed batches bring a block-diagonal one.
         attention_mask=batch.get("attention_mask"), labels=batch["labels"],
         loss_mask=batch["loss_mask"])
-    return per_token_loss, partial(_token_loss_sum, batch["loss_mask"])
+    return per_token_loss, partial(token_loss_sum, batch["loss_mask"])
 
 
 def sft_task(cfg: Config, samples: Sequence[TokenizedSample], pad_id: int) -> loop.Task:

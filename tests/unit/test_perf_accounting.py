@@ -11,7 +11,7 @@ import torch
 from megatron_selfreward.perf.accounting import generation_accounting, training_accounting
 from megatron_selfreward.perf.flops import PEAK_BF16_FLOPS, peak_key_for_device_name
 from megatron_selfreward.perf.memory import PeakMemory, process_peaks, rss_bytes
-from megatron_selfreward.perf.profile import mirror_run_dir
+from megatron_selfreward.pipeline.profile import mirror_run_dir
 
 
 @pytest.mark.parametrize("name, key", [("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100-sxm"),

@@ -169,16 +169,9 @@ def _wait_for(path: Path, timeout_s: float = 300.0) -> None:
         time.sleep(0.1)
 
 
-def cmd_profile(args: argparse.Namespace) -> int:
-    from megatron_selfreward.cli import _load
-
-    profile_stage(_load(args), args.name, args.iteration, Path(args.out) if args.out else None,
-                  in_place=args.in_place, keep_outputs=args.keep_outputs, top=args.top)
-    return 0
-
-
-def add_profile_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Register `selfreward profile` on the CLI's subparsers."""
+def add_profile_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser], None],
+                       func: Callable[[argparse.Namespace], int]) -> None:
+    """Register `selfreward profile` on the CLI's subparsers, running `func`."""
     from megatron_selfreward.pipeline.plan import STAGE_NAMES
 
     p = sub.add_parser("profile", help="run one stage of the plan under torch.profiler: Chrome trace "
@@ -196,4 +189,4 @@ def add_profile_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser]
                          help="write the stage's outputs into the real run directory (default: a scratch copy)")
         one.add_argument("--keep-outputs", action="store_true", help="keep the scratch copy's outputs")
         one.add_argument("--top", type=int, default=TOP_OPS, help="rows of the top-ops table")
-        one.set_defaults(func=cmd_profile)
+        one.set_defaults(func=func)
