@@ -9,6 +9,11 @@ Two promises the pipeline is built on:
   found by a human without a debugger.
 
 ``.gz`` paths are read and written gzip-compressed.
+
+Stage files grow to hundreds of thousands of records at paper scale, so reading is streamed:
+``iter_records`` yields one record at a time, ``Records`` stands for a file's records without
+holding them, ``iter_records_at`` gives each record's byte offset so that ``RecordReader`` can
+fetch a few of them back later, and ``concat_jsonl`` joins files line by line.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import os
 import tempfile
 import zlib
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Protocol, TypeVar
+from typing import IO, Any, Generic, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 __all__ = [
     "JsonlError",
@@ -30,7 +35,12 @@ __all__ = [
     "iter_jsonl",
     "read_jsonl",
     "iter_records",
+    "iter_records_at",
     "read_records",
+    "count_records",
+    "Records",
+    "RecordReader",
+    "concat_jsonl",
     "sha256_file",
 ]
 
@@ -146,19 +156,30 @@ def _is_gz(path: PathLike) -> bool:
     return str(path).endswith(".gz")
 
 
-def iter_jsonl_numbered(path: PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield (1-based line number, object) for each non-blank line."""
-    opener = gzip.open if _is_gz(path) else open
-    line_no = 0
+def _open_read(path: PathLike) -> IO[bytes]:
+    return gzip.open(path, "rb") if _is_gz(path) else open(path, "rb")  # type: ignore[return-value]
+
+
+def _iter_lines(path: PathLike) -> Iterator[tuple[int, int, bytes]]:
+    """(1-based line number, byte offset, raw line) of every line; for .gz the offset is in the
+    uncompressed stream, which is what GzipFile.seek takes."""
+    line_no, offset = 0, 0
     try:
-        with opener(path, "rb") as f:
+        with _open_read(path) as f:
             for line_no, raw in enumerate(f, start=1):
-                obj = _parse_line(path, line_no, raw)
-                if obj is not None:
-                    yield line_no, obj
+                yield line_no, offset, raw
+                offset += len(raw)
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         # A truncated or corrupt .gz fails mid-iteration; say how far we got.
         raise JsonlError(path, line_no + 1, f"cannot read file: truncated or corrupt gzip data ({err})") from err
+
+
+def iter_jsonl_numbered(path: PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (1-based line number, object) for each non-blank line."""
+    for line_no, _, raw in _iter_lines(path):
+        obj = _parse_line(path, line_no, raw)
+        if obj is not None:
+            yield line_no, obj
 
 
 def _parse_line(path: PathLike, line_no: int, raw: bytes) -> dict | None:
@@ -201,6 +222,119 @@ def iter_records(path: PathLike, cls: type[T]) -> Iterator[T]:
 def read_records(path: PathLike, cls: type[T]) -> list[T]:
     """All records of a JSONL(.gz) file as ``cls`` instances."""
     return list(iter_records(path, cls))
+
+
+def iter_records_at(path: PathLike, cls: type[T]) -> Iterator[tuple[int, int, T]]:
+    """(line number, byte offset, record) of each line; ``RecordReader`` reads one back by its
+    offset, so a pass can remember where the records it needs later are instead of holding them."""
+    for line_no, offset, raw in _iter_lines(path):
+        obj = _parse_line(path, line_no, raw)
+        if obj is not None:
+            yield line_no, offset, cls.from_dict(obj, where=f"{path} line {line_no}")
+
+
+def count_records(path: PathLike) -> int:
+    """How many JSON objects the file holds (each line parsed, so a malformed one still raises)."""
+    return sum(1 for _ in iter_jsonl_numbered(path))
+
+
+class RecordReader(Generic[T]):
+    """Single records of a JSONL(.gz) file, read back by the offsets ``iter_records_at`` gave.
+
+    One open handle for many reads. Reading in file order costs one pass over the file; a .gz
+    file seeks backwards by decompressing again from its start, so read those in order.
+    """
+
+    def __init__(self, path: PathLike, cls: type[T]) -> None:
+        self.path, self.cls = path, cls
+        self._file = _open_read(path)
+
+    def at(self, offset: int, line_no: int) -> T:
+        try:
+            if self._file.tell() != offset:
+                self._file.seek(offset)
+            raw = self._file.readline()
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+            raise JsonlError(self.path, line_no,
+                             f"cannot read file: truncated or corrupt gzip data ({err})") from err
+        obj = _parse_line(self.path, line_no, raw)
+        if obj is None:
+            raise JsonlError(self.path, line_no,
+                             "expected a record at this line: the file changed while it was read")
+        return self.cls.from_dict(obj, where=f"{self.path} line {line_no}")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "RecordReader[T]":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Records(Generic[T]):
+    """The records of a JSONL(.gz) file without holding them in memory.
+
+    Iterating reads the file again, one record at a time; ``len()`` is the count given when the
+    file was written, else counted once. Equality compares record by record (also with a list),
+    streaming both sides. Stages return this where a list of every record may not fit in memory.
+    """
+
+    def __init__(self, path: PathLike, cls: type[T], count: int | None = None) -> None:
+        self.path, self.cls, self._count = Path(path), cls, count
+
+    def __iter__(self) -> Iterator[T]:
+        return iter_records(self.path, self.cls)
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = count_records(self.path)
+        return self._count
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (Records, list, tuple)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # equal by content, which can change on disk
+
+    def __repr__(self) -> str:
+        return f"Records({str(self.path)!r}, {self.cls.__name__}, count={self._count})"
+
+
+def concat_jsonl(sources: Sequence[PathLike], out: PathLike, cls: type[_FromDict] | None = None) -> int:
+    """Atomically write every line of ``sources``, in order, to ``out``; returns the record count.
+
+    Streamed line by line: each line is parsed (and built as ``cls`` when given), so a bad line
+    fails with its file and line number, then copied as it is (a BOM, blank lines and CR before
+    the newline dropped). For files written by ``write_jsonl`` the result is byte for byte what
+    ``write_jsonl`` of all their records writes, without encoding them again.
+    """
+    count = 0
+
+    def body(raw_out: IO[bytes]) -> None:
+        nonlocal count
+        out_f: IO[bytes] = gzip.GzipFile(fileobj=raw_out, mode="wb", mtime=0) if _is_gz(out) else raw_out
+        try:
+            for source in sources:
+                for line_no, _, raw in _iter_lines(source):
+                    obj = _parse_line(source, line_no, raw)
+                    if obj is None:
+                        continue
+                    if cls is not None:
+                        cls.from_dict(obj, where=f"{source} line {line_no}")
+                    if line_no == 1:
+                        raw = raw.removeprefix(b"\xef\xbb\xbf")
+                    out_f.write(raw.rstrip(b"\r\n"))
+                    out_f.write(b"\n")
+                    count += 1
+        finally:
+            if out_f is not raw_out:
+                out_f.close()
+
+    _atomic_write(out, body)
+    return count
 
 
 def sha256_file(path: PathLike, chunk_bytes: int = 1 << 20) -> str:

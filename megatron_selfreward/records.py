@@ -16,9 +16,11 @@ callers must not mutate them after construction.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 __all__ = [
     "RecordError",
@@ -116,17 +118,27 @@ def _set(rec: Any, name: str, value: Any) -> None:
     object.__setattr__(rec, name, value)
 
 
+@functools.cache
+def _field_names(cls: type) -> tuple[tuple[str, ...], frozenset[str], tuple[str, ...]]:
+    """(all field names in order, the same as a set, those without a default); once per class:
+    a stage reads hundreds of thousands of records."""
+    fields = dataclasses.fields(cls)
+    required = tuple(f.name for f in fields
+                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    names = tuple(f.name for f in fields)
+    return names, frozenset(names), required
+
+
 def _from_dict(cls: type[R], d: Any, where: str) -> R:
     """Check keys, then build `cls`; any RecordError is re-reported at `where`."""
     if not isinstance(d, Mapping):
         raise RecordError(where, None, f"{cls.__name__} record must be a JSON object, got {_type_name(d)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise RecordError(where, unknown[0], f"is not a field of {cls.__name__} (fields: {', '.join(fields)})")
-    for name, f in fields.items():
-        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        if name not in d and not has_default:
+    names, name_set, required = _field_names(cls)
+    if not name_set.issuperset(d):
+        unknown = sorted(set(d) - name_set)
+        raise RecordError(where, unknown[0], f"is not a field of {cls.__name__} (fields: {', '.join(names)})")
+    for name in required:
+        if name not in d:
             raise RecordError(where, name, "is missing")
     try:
         return cls(**d)

@@ -19,15 +19,22 @@ rank 0 is the best. Policies where the paper is silent (state them in reports):
   responses, or all scores equal) the instruction is excluded and counted;
 - instructions with fewer than 2 responses carry no ranking and are skipped.
 
+The two correlations are SciPy's (``spearmanr``; ``kendalltau``, variant b).
+Pairwise accuracy, 5-best and exact match are counted here: they carry the
+policies above, which no library has.
+
 Scores are compared exactly: they are means of a few half-point-grained
 numbers, so equal verdicts give bit-identical floats.
+
+``judge_health`` makes one pass over its judgements and keeps counters and a
+few floats per prompt, so it can be fed a streamed file of any size.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from megatron_selfreward.judging.pairs import NoPairReason, select_pair_indices
 from megatron_selfreward.records import Judgement
@@ -47,57 +54,49 @@ def _sign(x: float) -> int:
     return (x > 0) - (x < 0)
 
 
+def _stats() -> Any:
+    # Imported on first use: scipy.stats adds ~85 MB and ~1 s to a process, and judge_health
+    # (which the report calls) needs none of it.
+    from scipy import stats
+
+    return stats
+
+
 def average_ranks(values: Sequence[float]) -> list[float]:
     """1-based ranks, ascending; tied values share the mean of their positions."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        shared = (start + end) / 2 + 1  # mean of positions start+1 .. end+1
-        for k in range(start, end + 1):
-            ranks[order[k]] = shared
-        start = end + 1
-    return ranks
+    return [float(r) for r in _stats().rankdata(values, method="average")] if len(values) else []
 
 
-def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
-    n = len(x)
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    if sxx == 0 or syy == 0:
-        return None
-    return sxy / math.sqrt(sxx * syy)
+def _correlation_inputs(name: str, x: Sequence[float], y: Sequence[float]) -> bool:
+    """Whether the correlation is defined; raises on unequal lengths.
+
+    SciPy returns nan (and warns) on constant input: undefined here means None, decided before
+    SciPy is called, so no warning reaches the caller.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"{name}: lengths differ ({len(x)} vs {len(y)})")
+    return len(x) >= 2 and len(set(x)) > 1 and len(set(y)) > 1
+
+
+def _finite(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman's rho with average ranks for ties; None when undefined."""
-    if len(x) != len(y):
-        raise ValueError(f"spearman: lengths differ ({len(x)} vs {len(y)})")
-    if len(x) < 2:
+    """Spearman's rho with average ranks for ties (``scipy.stats.spearmanr``); None when
+    undefined (fewer than 2 values, or either side constant)."""
+    if not _correlation_inputs("spearman", x, y):
         return None
-    return _pearson(average_ranks(x), average_ranks(y))
+    return _finite(_stats().spearmanr(x, y).statistic)
 
 
 def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Kendall's tau-b, (C - D) / sqrt((n0 - n1)(n0 - n2)); None when undefined."""
-    if len(x) != len(y):
-        raise ValueError(f"kendall_tau_b: lengths differ ({len(x)} vs {len(y)})")
-    concordant = discordant = ties_x = ties_y = pairs = 0
-    for i in range(len(x)):
-        for j in range(i + 1, len(x)):
-            pairs += 1
-            sx, sy = _sign(x[i] - x[j]), _sign(y[i] - y[j])
-            ties_x += sx == 0
-            ties_y += sy == 0
-            concordant += sx * sy > 0
-            discordant += sx * sy < 0
-    denom = math.sqrt((pairs - ties_x) * (pairs - ties_y))
-    return (concordant - discordant) / denom if denom > 0 else None
+    """Kendall's tau-b, (C - D) / sqrt((n0 - n1)(n0 - n2)) (``scipy.stats.kendalltau``, variant
+    b); None when undefined (fewer than 2 values, or either side constant)."""
+    if not _correlation_inputs("kendall_tau_b", x, y):
+        return None
+    return _finite(_stats().kendalltau(x, y, variant="b").statistic)
 
 
 def _check_item(index: int, scores: Sequence[float | None], ranks: Sequence[int]) -> None:
@@ -192,33 +191,20 @@ def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
-def _histograms(judgements: Sequence[Judgement], low: float, high: float) -> tuple[dict, dict]:
-    by_mean = {str(b): 0 for b in range(math.ceil(low), math.floor(high) + 1)}
-    samples: Counter = Counter()
-    for j in judgements:
-        if j.mean_score is not None:
-            key = str(_round_half_up(j.mean_score))
-            by_mean[key] = by_mean.get(key, 0) + 1
-        samples.update(s for s in j.sample_scores if s is not None)
-    by_sample = {f"{v:g}": samples[v] for v in sorted(samples)}
-    return by_mean, by_sample
-
-
-def _tie_counts(judgements: Sequence[Judgement]) -> Counter:
+def _tie_counts(scores_by_prompt: Iterable[Sequence[float | None]]) -> Counter:
     """Per prompt, what pair selection would do: pair, tie or too few scored."""
-    by_prompt: dict[str, list[float | None]] = {}
-    for j in judgements:
-        by_prompt.setdefault(j.prompt_id, []).append(j.mean_score)
     outcome: Counter = Counter()
-    for scores in by_prompt.values():
+    num_prompts = 0
+    for scores in scores_by_prompt:
         picked = select_pair_indices(scores)
         outcome[picked.value if isinstance(picked, NoPairReason) else "pair"] += 1
-    outcome["num_prompts"] = len(by_prompt)
+        num_prompts += 1
+    outcome["num_prompts"] = num_prompts
     return outcome
 
 
 def judge_health(
-    judgements: Sequence[Judgement],
+    judgements: Iterable[Judgement],
     low: float = 0.0,
     high: float = 5.0,
     dominant_bucket_warn_frac: float = 0.6,
@@ -236,12 +222,25 @@ def judge_health(
     ``tie_rate`` (tied / prompts with >= 2 scored), ``dominant_bucket``,
     ``dominant_bucket_frac``, ``warnings`` (list of str).
     """
-    num_samples = sum(len(j.sample_scores) for j in judgements)
-    reasons = Counter(r for j in judgements for r in j.failure_reasons if r is not None)
+    num_judgements = num_samples = all_failed = 0
+    reasons: Counter = Counter()
+    by_mean = {str(b): 0 for b in range(math.ceil(low), math.floor(high) + 1)}
+    samples: Counter = Counter()
+    by_prompt: dict[str, list[float | None]] = {}
+    for j in judgements:
+        num_judgements += 1
+        num_samples += len(j.sample_scores)
+        reasons.update(r for r in j.failure_reasons if r is not None)
+        if j.mean_score is None:
+            all_failed += 1
+        else:
+            key = str(_round_half_up(j.mean_score))
+            by_mean[key] = by_mean.get(key, 0) + 1
+        samples.update(s for s in j.sample_scores if s is not None)
+        by_prompt.setdefault(j.prompt_id, []).append(j.mean_score)
     failures = sum(reasons.values())
-    all_failed = sum(j.mean_score is None for j in judgements)
-    by_mean, by_sample = _histograms(judgements, low, high)
-    ties = _tie_counts(judgements)
+    by_sample = {f"{v:g}": samples[v] for v in sorted(samples)}
+    ties = _tie_counts(by_prompt.values())
     scored = sum(by_mean.values())
     dominant = max(by_mean, key=lambda k: by_mean[k]) if scored else None
     dominant_frac = by_mean[dominant] / scored if dominant is not None else None
@@ -259,13 +258,13 @@ def judge_health(
         )
     paired_or_tied = ties["pair"] + ties[NoPairReason.TIE.value]
     return {
-        "num_judgements": len(judgements),
+        "num_judgements": num_judgements,
         "num_samples": num_samples,
         "sample_failures": failures,
         "sample_failure_rate": sample_failure_rate,
         "failure_reasons": dict(sorted(reasons.items())),
         "judgements_all_failed": all_failed,
-        "judgement_failure_rate": _ratio(all_failed, len(judgements)),
+        "judgement_failure_rate": _ratio(all_failed, num_judgements),
         "hist_mean_rounded": by_mean,
         "hist_sample": by_sample,
         "num_prompts": ties["num_prompts"],

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from megatron_selfreward.records import Judgement, PreferencePair, Prompt, Response
 
-__all__ = ["NoPairReason", "select_pair_indices", "build_pair"]
+__all__ = ["NoPairReason", "select_pair_indices", "scores_in_response_order", "preference_pair", "build_pair"]
 
 # Means of up to 3 samples in [0, 5] are exact in binary floating point in
 # practice, but a tolerance keeps "tie" robust to any other aggregation.
@@ -57,36 +57,60 @@ def select_pair_indices(scores: Sequence[float | None]) -> tuple[int, int] | NoP
     return best_i, worst_i
 
 
+def scores_in_response_order(prompt_id: str, response_ids: Sequence[str],
+                             judged: Iterable[tuple[str, float | None]]) -> list[float | None]:
+    """Mean score per response of one prompt, in response order, from its judgements'
+    ``(response_id, mean_score)``; a missing, doubled or unknown judgement is a ValueError.
+
+    A missing or foreign judgement means the judging stage and the response file disagree;
+    silently dropping it would bias which pairs survive.
+    """
+    by_id: dict[str, float | None] = {}
+    for response_id, mean_score in judged:
+        if response_id in by_id:
+            raise ValueError(f"prompt {prompt_id!r}: two judgements for response {response_id!r}")
+        by_id[response_id] = mean_score
+    scores: list[float | None] = []
+    seen: set[str] = set()
+    for response_id in response_ids:
+        if response_id in seen:
+            raise ValueError(f"prompt {prompt_id!r}: duplicate response_id {response_id!r}")
+        seen.add(response_id)
+        if response_id not in by_id:
+            raise ValueError(f"prompt {prompt_id!r}: response {response_id!r} has no judgement")
+        scores.append(by_id[response_id])
+    extra = sorted(set(by_id) - seen)
+    if extra:
+        raise ValueError(f"prompt {prompt_id!r}: judgements for unknown responses {extra}")
+    return scores
+
+
 def _scores_in_response_order(
     prompt: Prompt, responses: Sequence[Response], judgements: Sequence[Judgement]
 ) -> list[float | None]:
-    """Mean score per response, matched by response_id; mismatches are errors.
-
-    A missing or foreign judgement means the judging stage and the response
-    file disagree; silently dropping it would bias which pairs survive.
-    """
-    by_id: dict[str, Judgement] = {}
     for j in judgements:
         if j.prompt_id != prompt.prompt_id:
             raise ValueError(f"judgement for response {j.response_id!r} has prompt_id {j.prompt_id!r}, expected {prompt.prompt_id!r}")
-        if j.response_id in by_id:
-            raise ValueError(f"prompt {prompt.prompt_id!r}: two judgements for response {j.response_id!r}")
-        by_id[j.response_id] = j
-    scores: list[float | None] = []
-    seen: set[str] = set()
     for r in responses:
         if r.prompt_id != prompt.prompt_id:
             raise ValueError(f"response {r.response_id!r} has prompt_id {r.prompt_id!r}, expected {prompt.prompt_id!r}")
-        if r.response_id in seen:
-            raise ValueError(f"prompt {prompt.prompt_id!r}: duplicate response_id {r.response_id!r}")
-        seen.add(r.response_id)
-        if r.response_id not in by_id:
-            raise ValueError(f"prompt {prompt.prompt_id!r}: response {r.response_id!r} has no judgement")
-        scores.append(by_id[r.response_id].mean_score)
-    extra = sorted(set(by_id) - seen)
-    if extra:
-        raise ValueError(f"prompt {prompt.prompt_id!r}: judgements for unknown responses {extra}")
-    return scores
+    return scores_in_response_order(prompt.prompt_id, [r.response_id for r in responses],
+                                    [(j.response_id, j.mean_score) for j in judgements])
+
+
+def preference_pair(prompt: Prompt, chosen: Response, rejected: Response,
+                    chosen_score: float, rejected_score: float) -> PreferencePair:
+    """The DPO record of a selected pair, with its response ids as provenance."""
+    return PreferencePair(
+        prompt_id=prompt.prompt_id,
+        prompt=prompt.text,
+        chosen=chosen.text,
+        rejected=rejected.text,
+        chosen_score=chosen_score,
+        rejected_score=rejected_score,
+        chosen_response_id=chosen.response_id,
+        rejected_response_id=rejected.response_id,
+    )
 
 
 def build_pair(
@@ -102,15 +126,6 @@ def build_pair(
     if isinstance(picked, NoPairReason):
         return None, picked
     chosen_i, rejected_i = picked
-    chosen, rejected = responses[chosen_i], responses[rejected_i]
-    pair = PreferencePair(
-        prompt_id=prompt.prompt_id,
-        prompt=prompt.text,
-        chosen=chosen.text,
-        rejected=rejected.text,
-        chosen_score=scores[chosen_i],  # type: ignore[arg-type]
-        rejected_score=scores[rejected_i],  # type: ignore[arg-type]
-        chosen_response_id=chosen.response_id,
-        rejected_response_id=rejected.response_id,
-    )
+    pair = preference_pair(prompt, responses[chosen_i], responses[rejected_i],
+                           scores[chosen_i], scores[rejected_i])  # type: ignore[arg-type]
     return pair, None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_selfreward.config import Config
-from megatron_selfreward.io import read_jsonl
+from megatron_selfreward.io import count_records, read_jsonl
 
 __all__ = ["IterationData", "TrainingRun", "StageTiming", "RunData", "collect", "generation_throughput",
            "training_throughput"]
@@ -104,7 +104,7 @@ def _count_lines(path: Path, data: RunData) -> int | None:
     if not path.is_file():
         return None
     try:
-        return len(read_jsonl(path))
+        return count_records(path)  # streamed: stage files reach hundreds of MB at paper scale
     except (OSError, ValueError) as err:
         data.missing.append(f"{_rel(data.run_dir, path)} is unreadable ({err})")
         return None

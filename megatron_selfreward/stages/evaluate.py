@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 from megatron_selfreward.config import Config
 from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams
-from megatron_selfreward.io import atomic_write_json, read_records, write_jsonl
+from megatron_selfreward.io import atomic_write_json, iter_records, read_records, write_jsonl
 from megatron_selfreward.judging.metrics import judge_health, reward_model_metrics
 from megatron_selfreward.judging.openai_client import JudgeEndpointError, OpenAICompatibleClient
 from megatron_selfreward.judging.pairwise import (
@@ -473,12 +473,12 @@ def iteration_judge_health(run_dir: Path, n: int, low: float = 0.0, high: float 
     path = run_dir / f"iter{n}" / "judgements.jsonl"
     if not path.is_file():
         return {"missing": f"iter{n}/judgements.jsonl"}
-    health = judge_health(read_records(path, Judgement), low, high)
+    health = judge_health(iter_records(path, Judgement), low, high)  # streamed: ~200k records at paper scale
     prompts = health["num_prompts"]
     health["judged_by"] = f"M{n}"
     health["usable_pairs_per_prompt"] = health["prompts_paired"] / prompts if prompts else None
     pairs = run_dir / f"iter{n}" / "pairs.jsonl"
-    health["pairs_written"] = len(read_records(pairs, PreferencePair)) if pairs.is_file() else None
+    health["pairs_written"] = sum(1 for _ in iter_records(pairs, PreferencePair)) if pairs.is_file() else None
     return health
 
 

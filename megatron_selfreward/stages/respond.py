@@ -6,7 +6,9 @@ judge:   the same M_t scores each response with the Figure 2 prompt, k samples e
 pairs:   highest vs lowest mean score per prompt; ties and prompts with < 2 scored are dropped.
 
 Sampling and judging run in resumable shards of `pipeline.shard_size` items (`stages/shards.py`):
-a killed stage continues from its last finished shard and produces the same records.
+a killed stage continues from its last finished shard and produces the same records. Outputs are
+returned as streamed `Records` views: at paper scale (~200k responses, ~600k judge samples) a
+list of every record would hold their texts in memory for nothing.
 """
 
 from __future__ import annotations
@@ -15,12 +17,24 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from megatron_selfreward.config import Config
 from megatron_selfreward.generation.engine import Followup, GenerationRequest, SamplingParams, engine_rates
-from megatron_selfreward.io import read_records, write_jsonl
-from megatron_selfreward.judging.pairs import build_pair
+from megatron_selfreward.io import (
+    RecordReader,
+    Records,
+    iter_records,
+    iter_records_at,
+    read_records,
+    write_jsonl,
+)
+from megatron_selfreward.judging.pairs import (
+    NoPairReason,
+    preference_pair,
+    scores_in_response_order,
+    select_pair_indices,
+)
 from megatron_selfreward.judging.parse import judgement_from_outputs, parse_score
 from megatron_selfreward.judging.prompt import load_template, render_judge_prompt
 from megatron_selfreward.records import Judgement, PreferencePair, Prompt, Response
@@ -176,13 +190,14 @@ def _engine_stats(engine: Any) -> dict[str, Any]:
 
 
 def run_sample_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_path: Path,
-                         model_manifest: Path, out: Path, workers: Workers = SINGLE) -> list[Response] | None:
+                         model_manifest: Path, out: Path,
+                         workers: Workers = SINGLE) -> Records[Response] | None:
     """Sample N responses per prompt. With several `workers`, each computes its share of the
     shards; the gathering worker writes the output and manifest (others return None)."""
     g = cfg.generation
     fp = fingerprint({"prompts": prompts_path, "model": model_manifest}, sampling_params(cfg))
     if is_done(out, fp):
-        return read_records(out, Response)
+        return Records(out, Response)
     started = time.time()
     reset_engine_stats(engine)
     prompts = read_records(prompts_path, Prompt)
@@ -224,13 +239,13 @@ def _unjudged(response: Response) -> Judgement:
 
 def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_path: Path,
                         responses_path: Path, model_manifest: Path, out: Path,
-                        workers: Workers = SINGLE) -> list[Judgement] | None:
+                        workers: Workers = SINGLE) -> Records[Judgement] | None:
     """Judge every response k times; sharded over `workers` like run_sample_responses."""
     j = cfg.judge
     fp = fingerprint({"prompts": prompts_path, "responses": responses_path, "model": model_manifest},
                      judge_params(cfg))
     if is_done(out, fp):
-        return read_records(out, Judgement)
+        return Records(out, Judgement)
     started = time.time()
     reset_engine_stats(engine)
     template = load_template(j.template or None)
@@ -261,9 +276,13 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
     if judgements is None:
         return None
     engine_stats = merged_engine_stats(out)
-    failures = Counter(reason for jd in judgements for reason in jd.failure_reasons if reason)
+    failures: Counter = Counter()
+    judge_samples = 0
+    for jd in judgements:  # one streamed pass over the gathered file
+        judge_samples += len(jd.raw_outputs)
+        failures.update(reason for reason in jd.failure_reasons if reason)
     write_manifest(out, "judge_responses", fp,
-                   {"responses": len(responses), "judge_samples": sum(len(jd.raw_outputs) for jd in judgements),
+                   {"responses": len(responses), "judge_samples": judge_samples,
                     "parse_failures": dict(failures),
                     "too_long_to_judge": sum(req is None for _, req in entries),
                     # by the workers that computed shards now (shards_reused: earlier runs)
@@ -274,34 +293,50 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
     return judgements
 
 
+def _streamed_pairs(prompts: Sequence[Prompt], responses_path: Path, judgements_path: Path,
+                    dropped: Counter) -> Iterator[PreferencePair]:
+    """`judging/pairs.py`'s pair for each prompt, in prompt order, in memory that grows with the
+    number of responses but not with their texts: one pass over the responses keeps their ids and
+    where each line is, one over the judgements keeps the mean scores, and only the chosen and
+    rejected responses are read back (in file order when responses come in prompt order)."""
+    located: dict[str, list[tuple[str, int, int]]] = {}  # prompt id -> (response id, offset, line)
+    for line_no, offset, r in iter_records_at(responses_path, Response):
+        located.setdefault(r.prompt_id, []).append((r.response_id, offset, line_no))
+    judged: dict[str, list[tuple[str, float | None]]] = {}
+    for jd in iter_records(judgements_path, Judgement):
+        judged.setdefault(jd.prompt_id, []).append((jd.response_id, jd.mean_score))
+    with RecordReader(responses_path, Response) as reader:
+        for p in prompts:
+            candidates = located.get(p.prompt_id)
+            if candidates is None:
+                dropped["no_responses"] += 1
+                continue
+            scores = scores_in_response_order(p.prompt_id, [c[0] for c in candidates],
+                                              judged.get(p.prompt_id, []))
+            picked = select_pair_indices(scores)
+            if isinstance(picked, NoPairReason):
+                dropped[picked.value] += 1
+                continue
+            chosen_i, rejected_i = picked
+            _, chosen_offset, chosen_line = candidates[chosen_i]
+            _, rejected_offset, rejected_line = candidates[rejected_i]
+            chosen, rejected = reader.at(chosen_offset, chosen_line), reader.at(rejected_offset, rejected_line)
+            yield preference_pair(p, chosen, rejected, scores[chosen_i], scores[rejected_i])  # type: ignore[arg-type]
+
+
 def run_build_pairs(prompts_path: Path, responses_path: Path, judgements_path: Path,
-                    out: Path) -> list[PreferencePair]:
+                    out: Path) -> Records[PreferencePair]:
     fp = fingerprint({"prompts": prompts_path, "responses": responses_path,
                       "judgements": judgements_path}, {})
     if is_done(out, fp):
-        return read_records(out, PreferencePair)
+        return Records(out, PreferencePair)
     started = time.time()
     prompts = read_records(prompts_path, Prompt)
-    by_prompt: dict[str, list[Response]] = {}
-    for r in read_records(responses_path, Response):
-        by_prompt.setdefault(r.prompt_id, []).append(r)
-    judged: dict[str, list[Judgement]] = {}
-    for jd in read_records(judgements_path, Judgement):
-        judged.setdefault(jd.prompt_id, []).append(jd)
-    pairs, dropped = [], Counter()
-    for p in prompts:
-        if p.prompt_id not in by_prompt:
-            dropped["no_responses"] += 1
-            continue
-        pair, reason = build_pair(p, by_prompt[p.prompt_id], judged.get(p.prompt_id, []))
-        if pair is None:
-            dropped[str(getattr(reason, "value", reason))] += 1
-        else:
-            pairs.append(pair)
-    write_jsonl(out, pairs)
-    write_manifest(out, "build_pairs", fp, {"prompts": len(prompts), "pairs": len(pairs),
+    dropped: Counter = Counter()
+    count = write_jsonl(out, _streamed_pairs(prompts, responses_path, judgements_path, dropped))
+    write_manifest(out, "build_pairs", fp, {"prompts": len(prompts), "pairs": count,
                                             "dropped": dict(dropped)}, started)
-    return pairs
+    return Records(out, PreferencePair, count)
 
 
 def pairs_summary(pairs: Sequence[PreferencePair], judgements_path: Path) -> dict[str, Any]:

@@ -16,6 +16,10 @@ i % n == r; each writes its engine statistics beside the shards. The gathering w
 the group's barrier, then concatenates every shard; array tasks do not gather (a plain run of
 the stage does that afterwards, reusing every shard). `clear_shards` removes the directory once
 the stage's manifest is written.
+
+Gathering streams: the shards are joined line by line into the output (each line checked as a
+record on the way) and the stage gets a `Records` view of the output rather than a list, so
+memory does not grow with the number of records.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from megatron_selfreward.io import atomic_write_json, read_records, write_jsonl
+from megatron_selfreward.io import Records, atomic_write_json, concat_jsonl, write_jsonl
 from megatron_selfreward.progress import progress_bar
 from megatron_selfreward.stages.errors import StageError
 
@@ -91,16 +95,15 @@ def _open_shards(out: Path, meta: dict[str, Any]) -> Path:
     return directory
 
 
-def _read_shards(directory: Path, total: int, record_cls: type[R]) -> list[R]:
+def _gather_shards(directory: Path, total: int, record_cls: type[R], out: Path) -> Records[R]:
+    """Every shard's records, in shard order, written to `out`."""
     missing = [i for i in range(total) if not shard_path(directory, i).is_file()]
     if missing:
         raise StageError(
             f"{len(missing)} of {total} shards are missing in {directory} (first: {missing[0]}): a worker "
             "ended without writing its shards. Rerun the stage: finished shards are kept.")
-    records: list[R] = []
-    for index in range(total):
-        records.extend(read_records(shard_path(directory, index), record_cls))
-    return records
+    count = concat_jsonl([shard_path(directory, i) for i in range(total)], out, record_cls)
+    return Records(out, record_cls, count)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -122,9 +125,9 @@ def run_sharded(items: Sequence[T], shard_size: int, out: Path, fp: dict[str, An
                 on_shard: Callable[[int, int, bool], None] | None = None,
                 workers: Workers = SINGLE,
                 stats: Callable[[], dict[str, Any]] | None = None,
-                desc: str | None = None) -> tuple[list[R] | None, int]:
-    """All records of `items` in input order (None on a worker that does not gather), and how
-    many shards were already on disk.
+                desc: str | None = None) -> tuple[Records[R] | None, int]:
+    """All records of `items` in input order, as a streamed view of `out` (None on a worker that
+    does not gather), and how many shards were already on disk.
 
     `process(shard_items)` returns the shard's records; `on_shard(index, total, reused)` reports
     progress on this worker's shards; `stats()` (e.g. the engine's counters) is saved per worker;
@@ -173,9 +176,7 @@ def run_sharded(items: Sequence[T], shard_size: int, out: Path, fp: dict[str, An
         reused = max(0, total - sum(n for n in computed_by if isinstance(n, int)))
     if not workers.gathers:
         return None, reused
-    records = _read_shards(directory, total, record_cls)
-    write_jsonl(out, records)
-    return records, reused
+    return _gather_shards(directory, total, record_cls, out), reused
 
 
 def clear_shards(out: Path) -> None:

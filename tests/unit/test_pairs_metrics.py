@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -15,9 +17,11 @@ from megatron_selfreward.judging.metrics import (
     reward_model_metrics,
     spearman,
 )
+from megatron_selfreward.io import Records, write_jsonl
 from megatron_selfreward.judging.pairs import NoPairReason, build_pair, select_pair_indices
 from megatron_selfreward.judging.parse import judgement_from_outputs
 from megatron_selfreward.records import Judgement, PreferencePair, Prompt, Response
+from megatron_selfreward.stages.respond import run_build_pairs
 
 # ----------------------------------------------------------------------- pairs
 
@@ -99,6 +103,61 @@ def test_pairs_build_pair_rejects_mismatched_ids():
         build_pair(prompt, [responses[0], responses[0]], judgements[:1])
 
 
+def _iteration_files(tmp_path, suffix: str = ""):
+    """prompts/responses/judgements with every outcome (pair, tie, too few scored, no responses, a
+    judged prompt missing from the prompts file), responses and judgements in shuffled order."""
+    rng = random.Random(5)
+    verdicts = ["Score: 5", "Score: 4", "Score: 3", "Score: 4.5", "Score: 1", "Score: 9", "none", ""]
+    prompts = [Prompt(f"p{i}", f"prompt {i} ü") for i in range(60)]
+    responses = [Response(p.prompt_id, f"{p.prompt_id}-r{r}", f"answer {p.prompt_id}.{r}\n" * r, r, "stop")
+                 for i, p in enumerate(prompts) if i % 11 for r in range(1 if i % 7 == 0 else rng.randint(2, 4))]
+    judgements = [judgement_from_outputs(r.prompt_id, r.response_id, [rng.choice(verdicts) for _ in range(3)])
+                  for r in responses]
+    judgements.append(judgement_from_outputs("p-extra", "p-extra-r0", ["Score: 4"]))
+    rng.shuffle(responses)
+    rng.shuffle(judgements)
+    paths = [tmp_path / f"{name}.jsonl{suffix}" for name in ("prompts", "responses", "judgements")]
+    for path, records in zip(paths, (prompts, responses, judgements)):
+        write_jsonl(path, records)
+    return paths, prompts, responses, judgements
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_build_pairs_stage_streams_the_pairs_build_pair_gives(tmp_path, suffix):
+    paths, prompts, responses, judgements = _iteration_files(tmp_path, suffix)
+    prompts_path, responses_path, judgements_path = paths
+    out = tmp_path / "pairs.jsonl"
+    got = run_build_pairs(prompts_path, responses_path, judgements_path, out)
+    # The reference: every record in memory, grouped by prompt, build_pair per prompt.
+    want, dropped = [], {}
+    for p in prompts:
+        mine = [r for r in responses if r.prompt_id == p.prompt_id]
+        if not mine:
+            dropped["no_responses"] = dropped.get("no_responses", 0) + 1
+            continue
+        pair, reason = build_pair(p, sorted(mine, key=responses.index),
+                                  [j for j in judgements if j.prompt_id == p.prompt_id])
+        if pair is None:
+            dropped[reason.value] = dropped.get(reason.value, 0) + 1
+        else:
+            want.append(pair)
+    assert isinstance(got, Records) and got == want and len(got) == len(want) > 10
+    write_jsonl(tmp_path / "reference.jsonl", want)
+    assert out.read_bytes() == (tmp_path / "reference.jsonl").read_bytes()
+    counts = json.loads((tmp_path / "pairs.manifest.json").read_text())["counts"]
+    assert counts == {"prompts": 60, "pairs": len(want), "dropped": dropped}
+    assert set(dropped) == {"no_responses", "too_few_scored", "tie"}
+
+
+def test_build_pairs_stage_refuses_responses_without_judgements(tmp_path):
+    (prompts_path, responses_path, judgements_path), _, _, judgements = _iteration_files(tmp_path)
+    lost = judgements[0]
+    write_jsonl(judgements_path, [j for j in judgements if j is not lost])
+    with pytest.raises(ValueError, match=f"response {lost.response_id!r} has no judgement"):
+        run_build_pairs(prompts_path, responses_path, judgements_path, tmp_path / "pairs.jsonl")
+    assert not (tmp_path / "pairs.jsonl").exists() and not (tmp_path / "pairs.manifest.json").exists()
+
+
 # --------------------------------------------------------------- correlations
 
 
@@ -163,6 +222,46 @@ def test_metrics_correlations_match_brute_force_references():
             continue
         assert spearman(x, y) == pytest.approx(_spearman_numpy(x, y), abs=1e-12)
         assert kendall_tau_b(x, y) == pytest.approx(_kendall_sign_matrix(x, y), abs=1e-12)
+
+
+def _kendall_tau_b_pair_count(x, y):
+    # Every pair counted once: concordant, discordant, tied in x, tied in y (a pair tied in both
+    # counts in both tie counts), tau-b = (C - D) / sqrt((n0 - n1)(n0 - n2)).
+    c = d = tx = ty = n0 = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            n0 += 1
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            tx += dx == 0
+            ty += dy == 0
+            c += dx * dy > 0
+            d += dx * dy < 0
+    return (c - d) / math.sqrt((n0 - tx) * (n0 - ty))
+
+
+def test_metrics_kendall_tau_b_matches_a_pair_count_on_judge_like_ties():
+    rng = random.Random(99)
+    checked = 0
+    for _ in range(400):
+        n = rng.randint(2, 12)
+        x = [rng.choice([0, 1, 2, 10 / 3, 11 / 3, 4, 13 / 3, 4.5, 5]) for _ in range(n)]
+        y = [rng.choice([-2, -1, 0]) for _ in range(n)] if n % 2 else [-r for r in rng.sample(range(n), n)]
+        if len(set(x)) < 2 or len(set(y)) < 2:
+            continue
+        assert kendall_tau_b(x, y) == pytest.approx(_kendall_tau_b_pair_count(x, y), abs=1e-12)
+        checked += 1
+    assert checked > 300
+
+
+def test_metrics_undefined_correlations_are_none_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # SciPy warns (ConstantInputWarning) and returns nan
+        for x, y in [([3, 3, 3], [1, 2, 3]), ([1, 2, 3], [0, 0, 0]), ([2.5, 2.5], [1, 1]), ([4], [1]), ([], [])]:
+            assert spearman(x, y) is None and kendall_tau_b(x, y) is None
+        m = reward_model_metrics([([3.0, 3.0, 3.0], [0, 1, 2]), ([4.0, None], [1, 0]), ([5.0, 1.0], [0, 1])])
+    assert (m["correlation_undefined"], m["correlation_instructions"]) == (2, 1)
+    assert type(spearman([1, 2], [2, 1])) is float and type(kendall_tau_b([1, 2], [2, 1])) is float
+    assert spearman([1, 2], [2, 1]) == pytest.approx(-1.0) and kendall_tau_b([1, 2], [2, 1]) == -1.0
 
 
 # ------------------------------------------------------------- reward metrics
@@ -272,6 +371,15 @@ def test_judge_health_warns_on_score_collapse():
         "score bucket 4 holds 70.0% of scored judgements (> 60%): the judge may have collapsed to one score"
     ]
     assert h["tie_rate"] is None  # one response per prompt: no prompt can pair or tie
+
+
+def test_judge_health_streams_a_generator_like_a_list():
+    rng = random.Random(8)
+    verdicts = ["Score: 5", "Score: 4", "Score: 2", "Score: 4.5", "oops", "Score: 7"]
+    judgements = [judgement_from_outputs(f"p{i % 13}", f"r{i}", [rng.choice(verdicts) for _ in range(3)])
+                  for i in range(80)]
+    assert judge_health(iter(judgements)) == judge_health(judgements)
+    assert judge_health((j for j in judgements), 2.0, 3.0) == judge_health(judgements, 2.0, 3.0)
 
 
 def test_judge_health_empty():

@@ -12,9 +12,14 @@ import pytest
 from megatron_selfreward import io as msio
 from megatron_selfreward.io import (
     JsonlError,
+    RecordReader,
+    Records,
     atomic_write_json,
     atomic_write_text,
+    concat_jsonl,
+    count_records,
     iter_jsonl,
+    iter_records_at,
     read_jsonl,
     read_records,
     sha256_file,
@@ -283,6 +288,89 @@ def test_read_records_builds_records_and_locates_errors(tmp_path: Path):
     write_jsonl(path, [RESPONSE, bad])
     with pytest.raises(RecordError, match=rf"^{path} line 2: field 'num_tokens' is missing$"):
         read_records(path, Response)
+
+
+# ------------------------------------------------------------- streamed reading
+
+
+def _responses(n: int) -> list[Response]:
+    return [Response(f"p{i // 4}", f"p{i // 4}-r{i % 4}", f"answer {i} ü\n" * (i % 5), i, "stop")
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("out_name", ["all.jsonl", "all.jsonl.gz"])
+def test_concat_jsonl_is_write_jsonl_of_all_records_byte_for_byte(tmp_path: Path, out_name: str):
+    records = _responses(23)
+    parts = [tmp_path / f"shard_{i}.jsonl" for i in range(4)]
+    for i, part in enumerate(parts):
+        write_jsonl(part, records[i * 7:(i + 1) * 7])  # the last part is empty
+    assert concat_jsonl(parts, tmp_path / out_name, Response) == 23
+    write_jsonl(tmp_path / f"ref_{out_name}", records)
+    assert (tmp_path / out_name).read_bytes() == (tmp_path / f"ref_{out_name}").read_bytes()
+
+
+def test_concat_jsonl_normalises_line_endings_bom_and_blank_lines(tmp_path: Path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n\n   \n{"a": 2}')  # no newline at the end
+    b.write_bytes(b'{"a": 3}\n')
+    assert concat_jsonl([a, b], tmp_path / "out.jsonl") == 3
+    assert (tmp_path / "out.jsonl").read_bytes() == b'{"a": 1}\n{"a": 2}\n{"a": 3}\n'
+
+
+def test_concat_jsonl_names_the_bad_source_line_and_writes_nothing(tmp_path: Path):
+    good, bad, out = tmp_path / "good.jsonl", tmp_path / "bad.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(good, _responses(3))
+    bad.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
+    with pytest.raises(JsonlError, match=rf"^{bad} line 2: invalid JSON"):
+        concat_jsonl([good, bad], out)
+    broken = RESPONSE.to_dict()
+    del broken["text"]
+    write_jsonl(bad, [RESPONSE, broken])
+    with pytest.raises(RecordError, match=rf"^{bad} line 2: field 'text' is missing$"):
+        concat_jsonl([good, bad], out, Response)
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "good.jsonl"]  # no output, no temp file
+
+
+@pytest.mark.parametrize("name", ["responses.jsonl", "responses.jsonl.gz"])
+def test_records_are_read_back_by_their_offsets_in_any_order(tmp_path: Path, name: str):
+    path = tmp_path / name
+    records = _responses(30)
+    write_jsonl(path, records)
+    located = list(iter_records_at(path, Response))
+    assert [r for _, _, r in located] == records
+    assert [line_no for line_no, _, _ in located] == list(range(1, 31))
+    with RecordReader(path, Response) as reader:
+        for line_no, offset, record in located[::3] + located[::-7]:  # forwards, then backwards
+            assert reader.at(offset, line_no) == record
+
+
+def test_record_reader_names_file_and_line(tmp_path: Path):
+    path = tmp_path / "responses.jsonl"
+    write_jsonl(path, [RESPONSE, {"prompt_id": "p1"}])
+    offset = len((json.dumps(RESPONSE.to_dict(), ensure_ascii=False) + "\n").encode())
+    with RecordReader(path, Response) as reader, pytest.raises(RecordError, match=rf"^{path} line 2: "):
+        reader.at(offset, 2)
+
+
+def test_records_view_streams_counts_and_compares(tmp_path: Path):
+    path = tmp_path / "responses.jsonl"
+    records = _responses(9)
+    write_jsonl(path, records)
+    view = Records(path, Response)
+    assert len(view) == 9 and list(view) == records and list(view) == records  # iterable again
+    assert view == records and records == view and view == Records(path, Response, 9)
+    assert view != records[:-1] and view != records[::-1] and view != "not records"
+    assert len(Records(path, Response, count=5)) == 5  # a given count is trusted, not re-read
+    assert repr(view).startswith("Records(") and "Response" in repr(view)
+
+
+def test_count_records_parses_every_line(tmp_path: Path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
+    assert count_records(path) == 2
+    path.write_text('{"a": 1}\nnot json\n', encoding="utf-8")
+    with pytest.raises(JsonlError, match="line 2"):
+        count_records(path)
 
 
 def test_atomic_write_text_and_json(tmp_path: Path):

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from megatron_selfreward.io import read_records
+from megatron_selfreward.io import JsonlError, Records, read_records, write_jsonl
 from megatron_selfreward.records import Prompt
 from megatron_selfreward.stages.errors import StageError
 from megatron_selfreward.stages.shards import GATHER_ONLY, Workers, clear_shards, run_sharded, shard_dir, worker_stats
@@ -124,3 +124,21 @@ def test_a_gather_job_counts_as_reused_only_the_shards_no_array_task_computed(tm
                     workers=Workers(rank=task, size=2, gathers=False, name="array"))
     records, reused = run_sharded(items, 1, out, fp, _prompts, Prompt, workers=GATHER_ONLY)
     assert [p.prompt_id for p in records] == ["p0", "p1", "p2"] and reused == 1
+
+
+def test_gathering_streams_the_shards_into_what_write_jsonl_would_write(tmp_path):
+    out = tmp_path / "iter1" / "responses.jsonl"
+    records, _ = run_sharded(list(range(11)), 4, out, {"e": 1}, _prompts, Prompt)
+    assert isinstance(records, Records) and len(records) == 11  # a view of the file, not a list
+    write_jsonl(tmp_path / "reference.jsonl", _prompts(range(11)))
+    assert out.read_bytes() == (tmp_path / "reference.jsonl").read_bytes()
+
+
+def test_a_corrupt_shard_is_named_with_its_line_and_nothing_is_gathered(tmp_path):
+    out = tmp_path / "judgements.jsonl"
+    run_sharded(list(range(4)), 2, out, {"f": 1}, _prompts, Prompt, workers=Workers(gathers=False))
+    shard = next(shard_dir(out).glob("*/shard_00001.jsonl"))
+    shard.write_text(shard.read_text().replace('"p3"', '"p3'), encoding="utf-8")
+    with pytest.raises(JsonlError, match=rf"^{shard} line 2: invalid JSON"):
+        run_sharded(list(range(4)), 2, out, {"f": 1}, _prompts, Prompt)
+    assert not out.exists()
