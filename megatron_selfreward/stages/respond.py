@@ -237,6 +237,11 @@ def _unjudged(response: Response) -> Judgement:
                      mean_score=None)
 
 
+def _was_too_long(judgement: Judgement) -> bool:
+    """Written by `_unjudged` (no judge sample ran)."""
+    return judgement.failure_reasons == ["prompt_too_long"] and judgement.raw_outputs == [""]
+
+
 def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_path: Path,
                         responses_path: Path, model_manifest: Path, out: Path,
                         workers: Workers = SINGLE) -> Records[Judgement] | None:
@@ -252,16 +257,18 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
     prompt_text = {p.prompt_id: p.text for p in read_records(prompts_path, Prompt)}
     responses = read_records(responses_path, Response)
     params = judge_sampling_params(cfg, tokenizer, j.samples_per_response)
-    entries = []
-    for r in responses:
+
+    def request(r: Response) -> GenerationRequest | None:
         ids = chat_ids(cfg, tokenizer, render_judge_prompt(prompt_text[r.prompt_id], r.text, template))
-        entries.append((r, GenerationRequest(r.response_id, ids, params)
-                        if _fits(cfg, ids, j.max_new_tokens) else None))
+        return GenerationRequest(r.response_id, ids, params) if _fits(cfg, ids, j.max_new_tokens) else None
 
     forced = 0
 
-    def process(shard: Sequence[tuple[Response, GenerationRequest | None]]) -> list[Judgement]:
+    def process(responses_of_shard: Sequence[Response]) -> list[Judgement]:
+        # Judge prompts are tokenized per shard: all of them at once would hold ~2k token ids
+        # per response (gigabytes of Python ints at 200k responses).
         nonlocal forced
+        shard = [(r, request(r)) for r in responses_of_shard]
         requests = [req for _, req in shard if req is not None]
         texts, n = force_scores(cfg, engine, tokenizer, requests, _texts(engine, requests))
         forced += n
@@ -270,21 +277,22 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
                 if req is not None else _unjudged(r)
                 for r, req in shard]
 
-    judgements, reused = run_sharded(entries, cfg.pipeline.shard_size, out, fp, process, Judgement,
+    judgements, reused = run_sharded(responses, cfg.pipeline.shard_size, out, fp, process, Judgement,
                                      workers=workers, desc="judge_responses",
                                      stats=lambda: {**_engine_stats(engine), "forced_score_samples": forced})
     if judgements is None:
         return None
     engine_stats = merged_engine_stats(out)
     failures: Counter = Counter()
-    judge_samples = 0
+    judge_samples = too_long = 0
     for jd in judgements:  # one streamed pass over the gathered file
         judge_samples += len(jd.raw_outputs)
         failures.update(reason for reason in jd.failure_reasons if reason)
+        too_long += _was_too_long(jd)
     write_manifest(out, "judge_responses", fp,
                    {"responses": len(responses), "judge_samples": judge_samples,
                     "parse_failures": dict(failures),
-                    "too_long_to_judge": sum(req is None for _, req in entries),
+                    "too_long_to_judge": too_long,
                     # by the workers that computed shards now (shards_reused: earlier runs)
                     "forced_score_samples": int(engine_stats.pop("forced_score_samples", forced))},
                    started, {"engine": engine_stats, "shards_reused": reused,
