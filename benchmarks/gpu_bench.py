@@ -396,8 +396,8 @@ def _time_fwd_bwd(fn: Callable[..., Any], h: Any, w: Any, y: Any, device: str, r
 def bench_logprobs(s: Shape, device: str, repeats: int) -> list[dict[str, Any]]:
     import torch
 
-    from kernels.logprobs import chunked_logprobs_torch, triton_logprobs, triton_usable
-    from kernels.logprobs_ref import logprobs_reference
+    from megatron_selfreward.kernels.logprobs import chunked_logprobs_torch, triton_logprobs, triton_usable
+    from megatron_selfreward.kernels.logprobs_ref import logprobs_reference
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     impls: list[tuple[str, Callable[..., Any]]] = [("reference (fp32 [T, V] logits)", logprobs_reference),

@@ -88,7 +88,7 @@ missing = []
 if device == "cuda" and not torch.cuda.is_available():
     missing.append("a CUDA build of torch that sees the GPU")
 modules = ["megatron.core", "megatron_selfreward.train", "megatron_selfreward.generation.megatron_engine",
-           "kernels.logprobs"] + (["triton"] if device == "cuda" else [])
+           "megatron_selfreward.kernels.logprobs"] + (["triton"] if device == "cuda" else [])
 for module in modules:
     try:
         __import__(module)

@@ -1,5 +1,6 @@
 """Kernels (Triton, C++ for CPUs), each beside a plain-torch reference it is tested against (see README.md).
 
-Importing this package imports neither torch nor triton: transformers probes for a top-level
-`kernels` module (Hugging Face's kernel hub shares the name) and may import it while it does.
+This folder is installed as `megatron_selfreward.kernels` (setup.py maps it): nothing named
+`kernels` is installed at the top level, where Hugging Face's kernel hub package lives and
+transformers looks for it. Importing this package imports neither torch nor triton.
 """

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.build import extension_name, ninja_on_path
+from megatron_selfreward.kernels.build import extension_name, ninja_on_path
 
 SOURCE = Path(__file__).with_name("decode_cpu.cpp")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")

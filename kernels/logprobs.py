@@ -294,7 +294,7 @@ def logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     if impl == "torch":
         return chunked_logprobs_torch(hidden, weight, targets, chunk)
     if impl == "reference":
-        from kernels.logprobs_ref import logprobs_reference
+        from megatron_selfreward.kernels.logprobs_ref import logprobs_reference
 
         return logprobs_reference(hidden, weight, targets)
     raise ValueError(f"impl must be auto, triton, torch or reference, got {impl!r}")

@@ -43,7 +43,7 @@ def load_guard() -> None:
     """Build (first time for this torch) and load the fake CUDA device guard."""
     from torch.utils.cpp_extension import load
 
-    from kernels.build import extension_name, ninja_on_path
+    from megatron_selfreward.kernels.build import extension_name, ninja_on_path
 
     ninja_on_path()
     name = extension_name("selfreward_fake_cuda_guard", SOURCE.read_bytes(), torch.__version__.encode())

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kernels import decode_cpu
+from megatron_selfreward.kernels import decode_cpu
 from megatron_selfreward.generation.packed_linear import PackedLinear, packing_supported
 
 # Bounds the [rows, heads, chunk, length] attention scores of a long prefill.

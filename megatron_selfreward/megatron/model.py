@@ -278,7 +278,7 @@ def target_token_nll(model: Any, hidden_states: torch.Tensor, labels: torch.Tens
     weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
         else layer.weight
     if model.logprob_kernel != "off":
-        from kernels.logprobs import logprobs
+        from megatron_selfreward.kernels.logprobs import logprobs
 
         nll = -logprobs(selected, weight, targets, impl=model.logprob_kernel)
     else:

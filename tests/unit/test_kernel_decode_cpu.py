@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import decode_cpu
-from kernels.decode_cpu_ref import decode_attention_ref, rms_norm_ref
+from megatron_selfreward.kernels import decode_cpu
+from megatron_selfreward.kernels.decode_cpu_ref import decode_attention_ref, rms_norm_ref
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 

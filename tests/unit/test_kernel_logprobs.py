@@ -1,8 +1,8 @@
 """kernels/logprobs.py against the reference: values and gradients, Triton (interpreted) and torch.
 
-Triton's interpreter is chosen when a kernel is *decorated*, i.e. when kernels.logprobs is first
+Triton's interpreter is chosen when a kernel is *decorated*, i.e. when megatron_selfreward.kernels.logprobs is first
 imported, and only if TRITON_INTERPRET=1 is in the environment then. Setting it from a test
-module is unreliable (another module may import kernels.logprobs first during collection), so
+module is unreliable (another module may import it first during collection), so
 the Triton checks run this file as a script in a subprocess with the variable set, print their
 errors as JSON, and the tests below assert on them. The torch fallback is tested in-process.
 Shapes are tiny on purpose: the interpreter executes every program instance in Python.
@@ -37,7 +37,7 @@ def _inputs(lead: tuple, H: int, V: int, scale: float = 1.0, seed: int = 0):
 
 def _errors(fn, lead: tuple, H: int, V: int, scale: float = 1.0) -> dict[str, float]:
     """Max |fn - reference| of the values and of both gradients, and the reference magnitudes."""
-    from kernels.logprobs_ref import logprobs_reference
+    from megatron_selfreward.kernels.logprobs_ref import logprobs_reference
 
     hidden, weight, targets, grad_out = _inputs(lead, H, V, scale)
     ref = logprobs_reference(hidden, weight, targets)
@@ -59,7 +59,7 @@ def _assert_close(errors: dict[str, float]) -> None:
 
 def _bf16_errors(fn) -> dict[str, float]:
     """Relative gradient errors of bf16 inputs against the fp32 reference on the same values."""
-    from kernels.logprobs_ref import logprobs_reference
+    from megatron_selfreward.kernels.logprobs_ref import logprobs_reference
 
     hidden, weight, targets, grad_out = _inputs((20,), 32, 50)
     h16, w16 = (t.detach().bfloat16().requires_grad_() for t in (hidden, weight))
@@ -84,7 +84,7 @@ def _assert_bf16_close(errors: dict[str, float]) -> None:
 
 def _triton_checks() -> dict:
     """Runs in the subprocess, with TRITON_INTERPRET=1 set before triton is imported."""
-    from kernels.logprobs import triton_logprobs
+    from megatron_selfreward.kernels.logprobs import triton_logprobs
 
     results: dict = {}
     for name, lead, H, V, blocks in CASES:
@@ -127,7 +127,7 @@ def test_triton_kernel_with_frozen_weight(triton_results):
     ("batched", (2, 7), 24, 20, 7),
 ])
 def test_chunked_torch_matches_reference(name, lead, H, V, chunk):
-    from kernels.logprobs import chunked_logprobs_torch
+    from megatron_selfreward.kernels.logprobs import chunked_logprobs_torch
 
     _assert_close(_errors(lambda h, w, y: chunked_logprobs_torch(h, w, y, chunk), lead, H, V))
 
@@ -137,13 +137,13 @@ def test_triton_kernel_bf16(triton_results):
 
 
 def test_chunked_torch_bf16():
-    from kernels.logprobs import chunked_logprobs_torch
+    from megatron_selfreward.kernels.logprobs import chunked_logprobs_torch
 
     _assert_bf16_close(_bf16_errors(lambda h, w, y: chunked_logprobs_torch(h, w, y, 16)))
 
 
 def test_chunked_torch_saves_no_logits():
-    from kernels.logprobs import chunked_logprobs_torch
+    from megatron_selfreward.kernels.logprobs import chunked_logprobs_torch
 
     hidden, weight, targets, _ = _inputs((12,), 8, 50)
     out = chunked_logprobs_torch(hidden, weight, targets, chunk=16)
@@ -155,7 +155,7 @@ def test_chunked_torch_saves_no_logits():
 
 
 def test_dispatch_without_interpreter_uses_torch_on_cpu(monkeypatch):
-    from kernels.logprobs import logprobs, triton_usable
+    from megatron_selfreward.kernels.logprobs import logprobs, triton_usable
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not triton_usable(torch.device("cpu"))

@@ -26,7 +26,7 @@ from megatron_selfreward.generation.sampling import sample_tokens
 from megatron_selfreward.generation.packed_linear import packing_supported
 from megatron_selfreward.megatron.model import build_model
 from megatron_selfreward.megatron.parallel import single_process_world
-from kernels import decode_cpu
+from megatron_selfreward.kernels import decode_cpu
 from tests.conftest import CONFIGS
 
 VOCAB = 512
