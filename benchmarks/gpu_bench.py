@@ -40,6 +40,7 @@ beside it (after every part under `--isolate`); prints the table.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -59,7 +60,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if importlib.util.find_spec("megatron_selfreward") is None:  # not installed, not on PYTHONPATH
+    sys.path.insert(0, str(REPO))
 
 NA = "-"
 

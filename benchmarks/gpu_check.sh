@@ -65,23 +65,29 @@ else
 fi
 
 site=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")
-trap 'rm -rf "$site"' EXIT
+pkg=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_pkg.XXXXXX")
+trap 'rm -rf "$site" "$pkg"' EXIT
+# Our package as an install lays it out (setup.py: kernels/ is megatron_selfreward.kernels),
+# copied from this tree: nothing is built or installed on the GPU machine.
+cp -r megatron_selfreward "$pkg/megatron_selfreward"
+cp -r kernels "$pkg/megatron_selfreward/kernels"
 "$py" benchmarks/gpu_wheels.py verify --dest "$wheels"
 if ((dry)); then
   "$py" benchmarks/gpu_wheels.py install --dest "$wheels" --target "$site" --for-target-python
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$pkg:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   "$py" benchmarks/gpu_wheels.py install --dest "$wheels" --target "$site"
-  export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$site:$pkg:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 
 # Fail in seconds, naming what is missing, rather than in every part.
-"$py" - "$device" "$site" <<'PY'
+# -P: not the working directory first (its megatron_selfreward has no kernels/ inside)
+"$py" -P - "$device" "$site" "$pkg" <<'PY'
 import importlib.metadata
 import sys
 
-device, site = sys.argv[1], sys.argv[2]
+device, site, pkg = sys.argv[1], sys.argv[2], sys.argv[3]
 import torch
 
 missing = []
@@ -98,6 +104,10 @@ if missing:
     sys.exit("gpu_check.sh: missing " + "; ".join(missing))
 import megatron.core
 
+import megatron_selfreward
+
+if not megatron_selfreward.__file__.startswith(pkg):
+    sys.exit(f"gpu_check.sh: megatron_selfreward comes from {megatron_selfreward.__file__}, not {pkg}")
 origin = megatron.core.__file__
 if device == "cuda" and not origin.startswith(site):
     sys.exit(f"gpu_check.sh: megatron.core comes from {origin}, not the carried wheel in {site}")
