@@ -14,7 +14,8 @@
 #
 # Everything is decided in Python (`selfreward slurm submit`); without arguments the environment
 # is read instead: SELFREWARD_CONFIG, SELFREWARD_RUN_DIR, SELFREWARD_ITERATION, and
-# SELFREWARD_PYTHON (default: python3 on PATH, with megatron_selfreward installed).
+# SELFREWARD_PYTHON (default: python3, else python, on this node's PATH that can import
+# megatron_selfreward).
 #SBATCH --job-name=selfreward-iteration
 #SBATCH --nodes=1
 #SBATCH --ntasks=1
@@ -24,7 +25,20 @@
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$PWD}"
-PYTHON="${SELFREWARD_PYTHON:-python3}"
+PYTHON="${SELFREWARD_PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+    for candidate in python3 python; do
+        if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import megatron_selfreward' 2>/dev/null; then
+            PYTHON="$candidate"
+            break
+        fi
+    done
+fi
+if [ -z "$PYTHON" ]; then
+    echo "iteration.sh: on $(hostname) neither python3 nor python on PATH can import megatron_selfreward" \
+         "(PATH=$PATH): set SELFREWARD_PYTHON, or load the environment before sbatch" >&2
+    exit 127
+fi
 args=("$@")
 if [ ${#args[@]} -eq 0 ]; then
     [ -n "${SELFREWARD_CONFIG:-}" ] && args+=(--config "$SELFREWARD_CONFIG")

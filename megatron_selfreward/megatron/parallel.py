@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import re
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import torch
 
 from megatron_selfreward.config import Config, ConfigError, check_batch_layout
+from megatron_selfreward.hostlist import expand_nodelist
 from megatron_selfreward.megatron import compat, cpu_compat
 
 
@@ -29,25 +29,6 @@ class DistEnv:
     master_addr: str
     master_port: int
     launcher: str  # "torchrun", "slurm", "mpi" or "single"
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand Slurm's compressed host list: 'gpu[01-03,07],login1' -> gpu01 gpu02 gpu03 gpu07 login1."""
-    hosts: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
-        if not match:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = match.groups()
-        for item in ranges.split(","):
-            lo, _, hi = item.partition("-")
-            if not hi:
-                hosts.append(f"{prefix}{lo}{suffix}")
-                continue
-            for i in range(int(lo), int(hi) + 1):
-                hosts.append(f"{prefix}{str(i).zfill(len(lo))}{suffix}")
-    return hosts
 
 
 def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:

@@ -13,6 +13,18 @@ The sbatch scripts are rendered into `<run_dir>/slurm/` (readable, re-submittabl
 `selfreward stage ...` on the run's resolved config.yaml: the scripts only launch, every decision
 stays in Python. Job ids go to `<run_dir>/slurm/jobs.json`, which `slurm_status` reads back with
 `scontrol` (or `sacct` where accounting is set up).
+
+What real clusters need of the launch lines:
+- the interpreter is found on the compute node (after the setup lines, inside the container),
+  not taken from the submitting host: `<run_dir>/slurm/python.sh` picks python3 or python from
+  the node's PATH that imports megatron_selfreward, or says why none does;
+- srun gets `--cpus-per-task` itself: Slurm 22.05 to 23.02.4 do not pass sbatch's on to srun;
+- `--mpi` is checked against `srun --mpi=list` at submission; a missing plugin falls back to
+  pmi2 (or none), said at submission and in each job's log;
+- with `generation.engine: trtllm` a sampling or judging array task is one replica, one srun
+  task per GPU of its LLM (generation.tensor_parallel_size), started by TensorRT-LLM's own
+  launcher (`srun --mpi=pmix ... trtllm-llmapi-launch python ...`): rank 0 runs the stage, the
+  other ranks serve its engine's MPI workers, which the LLM API cannot spawn under srun.
 """
 
 from __future__ import annotations
@@ -23,13 +35,12 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from megatron_selfreward.config import Config, ConfigError, save_resolved, tasks_per_node
+from megatron_selfreward.config import Config, ConfigError, generation_tp, save_resolved, tasks_per_node
 from megatron_selfreward.io import atomic_write_json, atomic_write_text
 from megatron_selfreward.pipeline.local import stage_done
 from megatron_selfreward.pipeline.plan import StageSpec, plan
@@ -40,6 +51,30 @@ Log = Callable[[str], None]
 # Stages that run a model in one process (generation, evaluation, conversion): one task with
 # the node's GPUs (a TensorRT-LLM engine spreads over them itself).
 MODEL_STAGES = frozenset({"import_model", "build_eft", "generate_prompts", "evaluate"})
+PYTHON_LAUNCHER = "python.sh"  # in <run_dir>/slurm/, used when executor.slurm.python is empty
+# The array-task variables trtllm-llmapi-launch removes (with every SLURM_*) from the stage's
+# environment on rank 0; the job script passes them on explicitly.
+ARRAY_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
+
+# A POSIX shell script: it runs before any Python, on the compute node.
+PYTHON_LAUNCHER_TEXT = """\
+#!/bin/sh
+# The interpreter of this run's stage jobs (executor.slurm.python is empty): the first of
+# python3, python on the PATH where the job runs (after its setup lines, inside its container)
+# that can import megatron_selfreward. Rendered by `selfreward slurm submit`.
+for py in python3 python; do
+    if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import megatron_selfreward' >/dev/null 2>&1; then
+        if [ "${SLURM_PROCID:-0}" = 0 ]; then
+            echo "selfreward: $(hostname): $(command -v "$py")" >&2
+        fi
+        exec "$py" "$@"
+    fi
+done
+echo "selfreward: on $(hostname) neither python3 nor python on PATH can import megatron_selfreward" \\
+     "(PATH=$PATH). Install it into the cluster's Python, add executor.slurm.setup lines that" \\
+     "make it available (module load ..., source .../bin/activate), or set executor.slurm.python." >&2
+exit 127
+"""
 
 
 @dataclass
@@ -69,9 +104,16 @@ def _job_name(cfg: Config, spec: StageSpec, role: str) -> str:
     return f"{_job_prefix(cfg)}{spec.name}{suffix}" + ("-gather" if role == "gather" else "")
 
 
+def _trtllm_launch(cfg: Config, spec: StageSpec, role: str) -> bool:
+    """Sampling/judging array tasks with TensorRT-LLM start under trtllm-llmapi-launch."""
+    return role == "array" and spec.name in SHARDED_STAGES and cfg.generation.engine == "trtllm"
+
+
 def job_shape(cfg: Config, spec: StageSpec, role: str) -> dict[str, int]:
     """nodes, tasks per node and GPUs per node of a stage's job."""
     sl = cfg.executor.slurm
+    if _trtllm_launch(cfg, spec, role):
+        return _trtllm_replica_shape(cfg)
     if role == "array":
         return {"nodes": sl.array_nodes, "ntasks_per_node": tasks_per_node(sl), "gpus_per_node": sl.gpus_per_node}
     if spec.distributed:
@@ -99,30 +141,109 @@ def _sbatch_lines(cfg: Config, spec: StageSpec, role: str, log_dir: Path) -> lis
     return [f"#SBATCH {option}" for option in options]
 
 
-def render_script(cfg: Config, spec: StageSpec, role: str = "stage", workdir: Path | None = None) -> str:
-    """The sbatch script of one stage job (role: stage, array or gather)."""
+def parse_mpi_list(text: str) -> list[str]:
+    """Plugin names in the output of `srun --mpi=list` (22.05: a header, one tab-indented name a
+    line, then "specific pmix plugin versions available: pmix_v4"; older: "srun: name" lines)."""
+    names: list[str] = []
+    for line in text.splitlines():
+        line = re.sub(r"^srun:\s*", "", line).strip()
+        versions = re.search(r"versions available:\s*(.*)", line)
+        if versions:
+            names += [v.strip() for v in versions.group(1).split(",") if v.strip()]
+        elif re.fullmatch(r"[A-Za-z0-9_]+", line):
+            names.append(line)
+    return names
+
+
+def available_mpi_plugins() -> list[str] | None:
+    """What `srun --mpi=list` offers here; None when it cannot be asked (no srun, an error)."""
+    if shutil.which("srun") is None:
+        return None
+    try:
+        proc = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, env=_clean_env(),
+                              timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        return None
+    names = parse_mpi_list(proc.stdout + "\n" + proc.stderr)
+    return names if proc.returncode == 0 and names else None
+
+
+def choose_mpi(requested: str, available: Sequence[str] | None) -> tuple[str, str]:
+    """(the srun --mpi value, why it is not `requested` or ""). `available` None: not checked."""
+    if not requested or requested == "none":
+        return "none", ""
+    if available is None or requested in available:
+        return requested, ""
+    fallback = "pmi2" if "pmi2" in available else "none"
+    return fallback, (f"executor.slurm.mpi={requested} is not available here (srun --mpi=list: "
+                      f"{', '.join(available) or 'nothing'}); using --mpi={fallback}")
+
+
+def _trtllm_replica_shape(cfg: Config) -> dict[str, int]:
+    """An array task of TensorRT-LLM generation: one replica, whose LLM's MPI world is the
+    task's srun tasks, one per GPU: generation.tensor_parallel_size of them, on as few nodes
+    as gpus_per_node allows."""
+    sl, tp = cfg.executor.slurm, generation_tp(cfg)
+    if sl.array_nodes != 1:
+        raise ConfigError("config key 'executor.slurm.array_nodes': with generation.engine=trtllm an array "
+                          f"task is one replica of generation.tensor_parallel_size={tp} GPUs, its nodes follow "
+                          "from executor.slurm.gpus_per_node; leave array_nodes at 1 (more replicas: "
+                          "executor.slurm.array_tasks)")
+    if not sl.gpus_per_node:
+        return {"nodes": 1, "ntasks_per_node": tp, "gpus_per_node": 0}
+    nodes = -(-tp // sl.gpus_per_node)
+    if tp % nodes:
+        raise ConfigError(f"config key 'generation.tensor_parallel_size': a TensorRT-LLM replica of {tp} GPUs "
+                          f"does not split evenly over {nodes} nodes of executor.slurm.gpus_per_node="
+                          f"{sl.gpus_per_node}")
+    return {"nodes": nodes, "ntasks_per_node": tp // nodes, "gpus_per_node": tp // nodes}
+
+
+def python_command(cfg: Config) -> str:
+    """The interpreter in the job scripts: executor.slurm.python, else the run's launcher."""
+    return cfg.executor.slurm.python or str(slurm_dir(cfg) / PYTHON_LAUNCHER)
+
+
+def render_script(cfg: Config, spec: StageSpec, role: str = "stage", workdir: Path | None = None,
+                  mpi_plugins: Sequence[str] | None = None) -> str:
+    """The sbatch script of one stage job (role: stage, array or gather). `mpi_plugins`: what
+    `srun --mpi=list` offers (None: the configured plugin, unchecked)."""
     sl = cfg.executor.slurm
     run_dir = _run_dir(cfg)
     workdir = (workdir or Path.cwd()).resolve()
-    command = [sl.python or sys.executable, "-m", "megatron_selfreward.cli", "stage", spec.name, "--iteration",
+    command = [python_command(cfg), "-m", "megatron_selfreward.cli", "stage", spec.name, "--iteration",
                str(spec.iteration), "--config", str(run_dir / "config.yaml")]
     if role == "array":
         command.append("--array")
     elif role == "gather":
         command.append("--gather-only")
+    trtllm = _trtllm_launch(cfg, spec, role)
+    mpi, note = choose_mpi("pmix" if trtllm else sl.mpi, mpi_plugins)
+    if trtllm:
+        if mpi != "pmix":
+            raise StageError(f"{spec.label}: generation.engine=trtllm starts its engine's MPI workers with "
+                             f"`srun --mpi=pmix ... trtllm-llmapi-launch`, but this Slurm has no pmix plugin "
+                             f"(srun --mpi=list: {', '.join(mpi_plugins or []) or 'nothing'})")
     srun = ["srun", "--kill-on-bad-exit=1"]
-    if sl.mpi and sl.mpi != "none":
-        srun.append(f"--mpi={sl.mpi}")
+    if mpi != "none":
+        srun.append(f"--mpi={mpi}")
+    srun.append(f"--cpus-per-task={sl.cpus_per_task}")
     if sl.container_image:
         srun.append(f"--container-image={sl.container_image}")
         if sl.container_mounts:
             srun.append(f"--container-mounts={sl.container_mounts}")
         srun.append(f"--container-workdir={workdir}")
+    launch = shlex.join(srun)
+    if trtllm:
+        # The array variables are expanded here, in the batch shell, and set again for rank 0.
+        launch += " trtllm-llmapi-launch env " + " ".join(f'{name}="${name}"' for name in ARRAY_VARS)
     lines = ["#!/bin/bash", *_sbatch_lines(cfg, spec, role, run_dir / "slurm" / "logs"),
              f"# {spec.label} [{role}] of {run_dir}: rendered by `selfreward slurm submit`; the",
              "# stage itself decides everything (skips if done, resumes from finished shards).",
-             "set -euo pipefail", *sl.setup, f"cd {shlex.quote(str(workdir))}",
-             shlex.join(srun + command), ""]
+             "set -euo pipefail"]
+    if note:
+        lines.append(f"echo {shlex.quote('selfreward: ' + note)} >&2")
+    lines += [*sl.setup, f"cd {shlex.quote(str(workdir))}", f"{launch} {shlex.join(command)}", ""]
     return "\n".join(lines)
 
 
@@ -183,6 +304,11 @@ def submit_run(cfg: Config, up_to_iteration: int | None = None, log: Log = print
     save_resolved(cfg, run_dir)
     scripts = slurm_dir(cfg)
     (scripts / "logs").mkdir(parents=True, exist_ok=True)
+    write_python_launcher(cfg)
+    mpi_plugins = available_mpi_plugins()
+    _, note = choose_mpi(cfg.executor.slurm.mpi, mpi_plugins)
+    if note:
+        log(f"  {note}")
     jobs: list[Job] = []
     producer: dict[Path, str] = {}  # output path -> the job that writes it
     for spec in stages_to_submit(cfg, up_to_iteration):
@@ -200,7 +326,7 @@ def submit_run(cfg: Config, up_to_iteration: int | None = None, log: Log = print
         for role in roles:
             stem = f"{spec.name}-i{spec.iteration}" + ("" if role == "stage" else f"-{role}")
             script = scripts / f"{stem}.sbatch"
-            atomic_write_text(script, render_script(cfg, spec, role, workdir))
+            atomic_write_text(script, render_script(cfg, spec, role, workdir, mpi_plugins))
             job_id = _sbatch(script, after)
             jobs.append(Job(spec.name, spec.iteration, job_id, str(script), role))
             log(f"  {spec.label} [{role}]: job {job_id}" + (f" after {','.join(after)}" if after else ""))
@@ -209,6 +335,13 @@ def submit_run(cfg: Config, up_to_iteration: int | None = None, log: Log = print
             producer[out.resolve()] = jobs[-1].job_id
     _record(cfg, jobs)
     return jobs
+
+
+def write_python_launcher(cfg: Config) -> None:
+    """`<run_dir>/slurm/python.sh`, which the job scripts start when executor.slurm.python is empty."""
+    path = slurm_dir(cfg) / PYTHON_LAUNCHER
+    atomic_write_text(path, PYTHON_LAUNCHER_TEXT)
+    path.chmod(0o755)
 
 
 def _record(cfg: Config, jobs: Sequence[Job]) -> None:

@@ -30,7 +30,7 @@ from megatron_selfreward.io import read_jsonl
 from megatron_selfreward.pipeline.slurm import job_state, wait_for
 from tests.conftest import REPO
 from tests.score_seed import write_score_seed
-from tests.slurm.cluster import LocalSlurm
+from tests.slurm.cluster import LocalSlurm, job_env
 
 CONFIG = REPO / "tests" / "slurm" / "tiny_slurm.yaml"
 TIMEOUT_S = 1500
@@ -54,7 +54,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def _env(cluster: LocalSlurm) -> dict[str, str]:
-    return dict(cluster.env, SELFREWARD_PYTHON=sys.executable, PYTHONWARNINGS="ignore")
+    return job_env(cluster.env)
 
 
 def _sbatch_iteration(cluster: LocalSlurm, out: Path, *args: str) -> list[str]:

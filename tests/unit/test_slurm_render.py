@@ -51,8 +51,9 @@ def test_dpo_job_of_llama2_70b_takes_every_gpu_of_its_nodes(tmp_path):
 
 
 def test_sampling_is_an_array_plus_a_gather_job_and_overrides_reach_sbatch(tmp_path):
+    # the Megatron engine: with TensorRT-LLM an array task's nodes follow from its replica's GPUs
     cfg = _cfg("llama2_70b", f"model.path={tmp_path}", "executor.slurm.partition=batch", "executor.slurm.account=proj7",
-               "executor.slurm.array_tasks=16", "executor.slurm.array_nodes=2",
+               "executor.slurm.array_tasks=16", "executor.slurm.array_nodes=2", "generation.engine=megatron",
                "executor.slurm.extra_sbatch=['--exclusive']")
     spec = find_stage(plan(cfg), "sample_responses", 2)
     array, gather = render_script(cfg, spec, "array"), render_script(cfg, spec, "gather")
