@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import sys
 import time
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
+
+from recording import versions, write_results  # benchmarks/recording.py (beside this script)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -97,13 +96,7 @@ def pairs_for(seed_size: int, reasons: list) -> tuple[int, int]:
 
 
 def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("rapidfuzz", "numpy", "rouge-score"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    return versions("rapidfuzz", "numpy", "rouge-score")
 
 
 def _markdown(result: dict) -> str:
@@ -206,11 +199,7 @@ def main() -> None:
     best = min(runs, key=lambda r: r["seconds"])
     all_kept = sum(range(len(seed), len(seed) + len(candidates)))
     result["all_kept_estimate_s"] = round(all_kept * best["pairs_scored"] / high_pairs * best["ns_per_pair"] / 1e9, 1)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    markdown = _markdown(result)
-    (RESULTS / f"{args.name}.md").write_text(markdown)
-    print(markdown)
+    print(write_results(args.name, result, _markdown, RESULTS))
 
 
 if __name__ == "__main__":

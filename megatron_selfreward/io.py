@@ -66,11 +66,12 @@ class _FromDict(Protocol):
 T = TypeVar("T", bound=_FromDict)
 
 
-def _fsync_dir(directory: Path) -> None:
-    # The rename itself lives in the directory entry; without this a power
-    # loss can forget it. Not every platform/filesystem allows opening a dir.
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory to disk (a rename lives in its directory's entry; without
+    this a power loss can forget it). Not every platform/filesystem allows opening a directory:
+    then nothing happens."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -105,7 +106,7 @@ def _atomic_write(path: PathLike, write_body: Any) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
 
 
 def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:

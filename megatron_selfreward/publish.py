@@ -17,20 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from megatron_selfreward.io import fsync_path
+
 __all__ = ["refuse_existing", "staged_directory"]
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not every filesystem lets a directory be opened
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -38,8 +27,8 @@ def _fsync_tree(directory: Path) -> None:
     publishes data, not holes."""
     for root, _, files in os.walk(directory):
         for name in files:
-            _fsync(Path(root) / name)
-        _fsync(Path(root))
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
 
 
 def _occupied(path: Path) -> bool:
@@ -65,7 +54,7 @@ def _publish(staging: Path, target: Path, overwrite: bool) -> None:
         if target.exists():
             target.rmdir()
         os.replace(staging, target)
-    _fsync(target.parent)
+    fsync_path(target.parent)
 
 
 def _rank() -> int:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from megatron_selfreward.data.seed import load_builtin_seed
-from megatron_selfreward.io import write_jsonl
 from tests.conftest import REPO
 from tests.integration.test_run_tiny import selfreward
 
