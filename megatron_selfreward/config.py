@@ -201,7 +201,11 @@ class GenerationConfig:
     top_p: float = 0.9
     top_k: int = 0
     max_new_tokens: int = 256
+    # Rows per micro-batch of the Megatron engine; 0 = auto (as many as fit a share of the
+    # available memory, at most the device's decode sweet spot). TensorRT-LLM: its max batch size.
     batch_size: int = 8
+    # Megatron engine: waiting rows join a running micro-batch as its rows finish.
+    continuous_batching: bool = True
     # The Megatron engine's C++ decode-step kernels on CPUs (kernels/decode_cpu.cpp, built on
     # first use): auto = use them when they build, else plain torch with a warning; on = fail
     # when they cannot be built; off = plain torch ops.
@@ -501,7 +505,7 @@ def _check_positive(cfg: Config) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             if f.name in ("world_size", "max_steps", "top_k", "weight_decay", "score_low",
-                          "tensor_parallel_size",
+                          "tensor_parallel_size", "batch_size",
                           "hidden_dropout", "attention_dropout", "warmup_fraction", "min_lr"):
                 _require(value >= 0, f"{section}.{f.name}", f"must be >= 0, got {value}")
             else:
@@ -669,6 +673,10 @@ def validate(cfg: Config) -> None:
         _require(opt.min_lr <= opt.lr, f"{section}.min_lr", f"{opt.min_lr} is above lr {opt.lr}")
         _require(opt.warmup_fraction < 1.0, f"{section}.warmup_fraction", "must be below 1.0")
     _require(cfg.generation.top_p <= 1.0, "generation.top_p", "must be in (0, 1]")
+    _require(cfg.generation.batch_size > 0 or (cfg.generation.batch_size == 0
+                                              and cfg.generation.engine == "megatron"),
+             "generation.batch_size", f"must be > 0, or 0 (auto) with engine megatron; got "
+             f"{cfg.generation.batch_size} with engine {cfg.generation.engine}")
     _require(cfg.judge.top_p <= 1.0, "judge.top_p", "must be in (0, 1]")
     _require(cfg.judge.score_low < cfg.judge.score_high, "judge.score_high", "must exceed score_low")
     _check_pipeline_keys(cfg)

@@ -66,6 +66,9 @@ def main() -> None:
         load_model(model, args.out / "init")
         engine = MegatronEngine(model, cfg)
         out = {"direct_path": engine.runner.direct is not None, "direct": run(engine)}
+        out["rows_joined"] = engine.stats["rows_joined"]  # continuous batching (the default)
+        out["static"] = run(MegatronEngine(model, cfg, continuous=False))
+        out["auto"] = run(MegatronEngine(model, cfg, max_batch_size=0))  # sizes agreed over TP
         engine.runner.direct = None  # the Megatron-module path, with its own TP communication
         out["modules"] = run(engine)
         sp_cfg = load_config(None, BASE + ["parallel.tensor_model_parallel_size=2",

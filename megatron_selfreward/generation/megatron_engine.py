@@ -34,7 +34,22 @@ parallelism is Megatron's own weight layout) with its own attention over its own
   prefix of SHARED_PREFIX_ATTENTION_MIN_TOKENS or more (the judge rubric) is not copied at all:
   it stays in its one-row cache and attention is split at it (every row's queries against the
   prefix in one call, each row against its own columns, merged by log-sum-exp).
-- Finished rows are dropped from the batch (and the cache) once a quarter of them are done.
+- Continuous batching (generation.continuous_batching, the default): as rows finish, waiting
+  rows join the running batch in their slots. A joining request's prompt but its last token is
+  prefilled apart (once for its n samples, the attached shared prefix reused) into a small cache
+  and copied into the freed rows right-aligned to end just before the current column; the last
+  prompt token then rides in the next decode step with every other row's token. A row joins only
+  when its prompt fits before the current column and, with an attached shared prefix, starts
+  with that prefix (else it waits for a new micro-batch). Joins wait for JOIN_FRACTION of the
+  batch to be free (one prefill for several requests) unless fewer rows can join at all. When
+  the cache runs out of columns or rows it is laid out anew: kept rows only, leading columns no
+  row uses dropped, room for the longest sample added. A row's draws are indexed by its own step,
+  so joining changes no row's tokens. Without it (or with nothing waiting) finished rows are
+  dropped from the batch (and the cache) once a quarter of them are done.
+- Rows per micro-batch: generation.batch_size, or 0 = auto: as many rows as fit
+  KV_CACHE_MEMORY_FRACTION of the available memory (KV bytes per row from the longest prompt and
+  sample), capped at the decode sweet spot of the device (DECODE_ROWS_CPU / DECODE_ROWS_GPU;
+  a TP group takes its smallest).
 - Sampling: temperature, then top-k, then top-p over the renormalised top-k distribution, by
   inverse CDF with one uniform per token drawn from the sample's own generator, so a sample
   depends only on its seed and sample index, not on the batch. Padded vocabulary rows (vocab
@@ -48,6 +63,7 @@ parallelism is Megatron's own weight layout) with its own attention over its own
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +93,15 @@ STOP_WINDOW_EXTRA_TOKENS = 8
 # A shared prefix at least this long stays in one cache row and is attended to once for all
 # rows (CPU); shorter ones are copied into every row, where one attention call is cheaper.
 SHARED_PREFIX_ATTENTION_MIN_TOKENS = 128
+# Continuous batching: rows join once this share of the batch's rows is free (or all that can).
+JOIN_FRACTION = 0.125
+# generation.batch_size 0 (auto): the KV cache may take this share of the available memory, and
+# a micro-batch has at most this many rows: on CPUs the decode step reads every weight once per
+# step whatever the rows, and past about 64 rows the GEMMs stop getting cheaper per row
+# (benchmarks/results/continuous_batching.md); GPUs keep gaining to a few hundred.
+KV_CACHE_MEMORY_FRACTION = 0.25
+DECODE_ROWS_CPU = 64
+DECODE_ROWS_GPU = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +138,34 @@ class _Row:
         return self.params.followup.allowed_token_ids
 
 
+@dataclass
+class _Running:
+    """A micro-batch being decoded: cache row k holds batch[live[k]], fed tokens[k] at
+    positions[k] next, drawing with params' row k from its uniforms column (step - born[k])."""
+
+    cache: KVCache
+    params: tuple[torch.Tensor, ...]  # temperature, top_k, top_p, uniforms
+    positions: torch.Tensor
+    born: torch.Tensor  # the decode step of each row's first draw
+    live: list[int]
+    tokens: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the per-row tensors of rows `index` only (the caller updates cache and live)."""
+        self.params = tuple(t[index] for t in self.params)
+        self.tokens, self.positions, self.born = self.tokens[index], self.positions[index], self.born[index]
+
+
+def _available_memory_bytes() -> int:
+    """Memory available to new allocations on this machine (MemAvailable), else all of it."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
     """Longest common token prefix of the prompts, leaving every prompt at least one token."""
     first = prompts[0]
@@ -140,7 +193,7 @@ def _right_aligned(prompts: Sequence[tuple[int, ...]], start: int, width: int, d
 _STAT_KEYS = (
     "requests", "samples", "micro_batches", "prefill_tokens_requested", "prefill_tokens_computed",
     "prefill_pad_tokens", "decode_tokens", "decode_row_steps", "decode_steps", "followups",
-    "prefill_time_s", "decode_time_s",
+    "prefill_time_s", "decode_time_s", "rows_joined", "joins", "cache_relayouts",
 )
 
 
@@ -153,13 +206,16 @@ class MegatronEngine(GenerationEngine):
     `Sample.text`; eos_token_ids: default = the tokenizer's `eos_token_id`; dtype: compute
     dtype of generation ("bfloat16" runs fp32-trained weights as a bf16 copy, several times
     faster on CPUs with AMX); default = the model's. cpu_kernels: "auto", "on" or "off"
-    (default: generation.cpu_kernels).
+    (default: generation.cpu_kernels). max_batch_size: rows per micro-batch, 0 = auto
+    (default: generation.batch_size). continuous: rows join as others finish (default:
+    generation.continuous_batching).
     """
 
     def __init__(self, model: Any, cfg: Config, tokenizer: Any = None,
                  eos_token_ids: Sequence[int] | None = None, *, max_batch_size: int | None = None,
                  prefix_reuse: bool = True, seed: int | None = None,
-                 dtype: str | torch.dtype | None = None, cpu_kernels: str | None = None) -> None:
+                 dtype: str | torch.dtype | None = None, cpu_kernels: str | None = None,
+                 continuous: bool | None = None) -> None:
         self.cfg = cfg
         self.dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.cpu_kernels = cpu_kernels or cfg.generation.cpu_kernels
@@ -169,7 +225,8 @@ class MegatronEngine(GenerationEngine):
             eos = getattr(tokenizer, "eos_token_id", None)
             eos_token_ids = [] if eos is None else [eos]
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self.max_batch_size = max_batch_size or cfg.generation.batch_size
+        self.max_batch_size = cfg.generation.batch_size if max_batch_size is None else max_batch_size
+        self.continuous = cfg.generation.continuous_batching if continuous is None else continuous
         self.prefix_reuse = prefix_reuse
         self.seed = cfg.pipeline.seed if seed is None else seed
         self.max_seq_len = cfg.model.max_seq_len
@@ -185,7 +242,9 @@ class MegatronEngine(GenerationEngine):
         prefill_tokens_requested: prompt tokens over all samples (what prefilling every sample
         separately would compute); prefill_tokens_computed: real tokens actually run;
         prefill_pad_tokens: padding columns run besides; decode_tokens: tokens generated;
-        decode_row_steps: rows run in decode steps (finished rows wait for compaction).
+        decode_row_steps: rows run in decode steps (finished rows wait for compaction or a join);
+        rows_joined: rows that joined a running batch (continuous batching), in `joins` prefills;
+        cache_relayouts: running caches laid out anew to make room for joining rows.
         """
         return {**self._stats, **engine_rates(self._stats)}
 
@@ -208,9 +267,17 @@ class MegatronEngine(GenerationEngine):
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         rows = self._rows(requests)
         self.runner.refresh()
+        batch_size = self.max_batch_size or (self.auto_batch_size(rows) if rows else 1)
         with self._inference_mode():
-            for batch in self._micro_batches(rows):
-                self._run_batch(batch)
+            if self.continuous:
+                waiting = list(rows)
+                while waiting:
+                    batch = next(self._micro_batches(waiting, batch_size))
+                    del waiting[: len(batch)]
+                    self._run_batch(batch, waiting, batch_size)
+            else:
+                for batch in self._micro_batches(rows, batch_size):
+                    self._run_batch(batch)
         by_request: list[list[Sample]] = [[] for _ in requests]
         for row in sorted(rows, key=lambda r: (r.request_index, r.sample_index)):
             by_request[row.request_index].append(self._to_sample(row))
@@ -251,7 +318,33 @@ class MegatronEngine(GenerationEngine):
                 rows.append(_Row(index, j, prompt, params, max_new, seed, min(max_new + extra, room)))
         return rows
 
-    def _micro_batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
+    def auto_batch_size(self, rows: Sequence[_Row]) -> int:
+        """Rows per micro-batch for generation.batch_size 0: what fits KV_CACHE_MEMORY_FRACTION of
+        the available memory, at most the device's decode sweet spot; the minimum over TP ranks
+        (their join decisions must agree)."""
+        conf = self.runner.model.config
+        groups = max(1, conf.num_query_groups // self.runner.tp_size)
+        head_dim = conf.kv_channels or conf.hidden_size // conf.num_attention_heads
+        itemsize = torch.empty(0, dtype=self.runner.dtype).element_size()
+        token_bytes = 2 * len(self.runner.layers) * groups * head_dim * itemsize
+        # Continuous batching lays a cache out with room for one more longest sample.
+        row_tokens = max(len(r.prompt) + r.capacity for r in rows) + max(r.capacity for r in rows)
+        device = self.runner.device
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            sweet_spot = DECODE_ROWS_GPU
+        else:
+            free, sweet_spot = _available_memory_bytes(), DECODE_ROWS_CPU
+        size = max(1, min(sweet_spot, int(KV_CACHE_MEMORY_FRACTION * free) // (row_tokens * token_bytes)))
+        if self.runner.tp_size > 1:
+            import torch.distributed as dist
+
+            agreed = torch.tensor([size], dtype=torch.long, device=device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.runner.tp_group)
+            size = int(agreed.item())
+        return size
+
+    def _micro_batches(self, rows: list[_Row], max_batch_size: int) -> Iterator[list[_Row]]:
         """Up to max_batch_size rows each; a request's samples are split only if n exceeds it."""
         batch: list[_Row] = []
         i = 0
@@ -260,12 +353,12 @@ class MegatronEngine(GenerationEngine):
             while j < len(rows) and rows[j].request_index == rows[i].request_index:
                 j += 1
             group = rows[i:j]
-            if batch and len(batch) + len(group) > self.max_batch_size:
+            if batch and len(batch) + len(group) > max_batch_size:
                 yield batch
                 batch = []
-            while len(group) > self.max_batch_size:
-                yield group[: self.max_batch_size]
-                group = group[self.max_batch_size:]
+            while len(group) > max_batch_size:
+                yield group[: max_batch_size]
+                group = group[max_batch_size:]
             batch.extend(group)
             i = j
         if batch:
@@ -286,13 +379,17 @@ class MegatronEngine(GenerationEngine):
 
     # -- one micro-batch ----------------------------------------------------------------------
 
-    def _run_batch(self, batch: list[_Row]) -> None:
+    def _run_batch(self, batch: list[_Row], waiting: list[_Row] | None = None, batch_size: int = 0) -> None:
+        """Prefill and decode one micro-batch; with `waiting` (continuous batching) rows of it
+        join the batch (and leave `waiting`) as rows finish, up to batch_size rows at a time."""
         start = time.perf_counter()
         cache, logits = self._prefill(batch)
         prefilled = time.perf_counter()
-        self._decode(batch, cache, logits)
         self._stats["prefill_time_s"] += prefilled - start
-        self._stats["decode_time_s"] += time.perf_counter() - prefilled
+        before = self._stats["prefill_time_s"]
+        self._decode(batch, cache, logits, waiting, batch_size)
+        joining_s = self._stats["prefill_time_s"] - before  # the joining rows' prefills
+        self._stats["decode_time_s"] += time.perf_counter() - prefilled - joining_s
         self._stats["micro_batches"] += 1
 
     def _prefill(self, batch: list[_Row]) -> tuple[KVCache, torch.Tensor]:
@@ -325,22 +422,29 @@ class MegatronEngine(GenerationEngine):
         self._stats["prefill_pad_tokens"] += len(prompts) * width - (computed - shared)
         return cache, logits
 
-    def _decode(self, batch: list[_Row], cache: KVCache, logits: torch.Tensor) -> None:
-        """Sample, append, stop, drop finished rows, step the model; until every row is done."""
-        live = list(range(len(batch)))  # cache row k holds batch[live[k]]
-        params = self._row_tensors(batch)
+    def _decode(self, batch: list[_Row], cache: KVCache, logits: torch.Tensor,
+                waiting: list[_Row] | None = None, batch_size: int = 0) -> None:
+        """Sample, append, stop, let waiting rows join or drop finished rows, step the model;
+        until every row is done."""
         device = self.runner.device
-        positions = torch.tensor([len(row.prompt) for row in batch], dtype=torch.long, device=device)
+        # Uniform columns per row: every row's draws are indexed by its own step (step - born).
+        width = max(row.capacity for row in (batch + waiting if waiting else batch))
+        run = _Running(
+            cache, self._row_tensors(batch, width),
+            torch.tensor([len(row.prompt) for row in batch], dtype=torch.long, device=device),
+            torch.zeros(len(batch), dtype=torch.long, device=device), list(range(len(batch))))
+        prefix = batch[0].prompt[: cache.prefix_len]  # the attached shared prefix, if any
         step = 0
         while True:
-            temperature, top_k, top_p, uniforms = params
-            mask = self._step_mask([batch[index] for index in live])
+            temperature, top_k, top_p, uniforms = run.params
+            draws = uniforms.gather(1, (step - run.born).clamp_(max=width - 1)[:, None])[:, 0]
+            mask = self._step_mask([batch[index] for index in run.live])
             with torch._C.DisableTorchFunction():  # plain torch ops (see MegatronRunner)
-                tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, uniforms[:, step], mask)
+                tokens, logprobs = sample_tokens(logits, temperature, top_k, top_p, draws, mask)
             tokens, logprobs = self._sync_tensor_parallel(tokens, logprobs)
             token_list, logprob_list = tokens.tolist(), logprobs.tolist()  # one device sync
             fed: dict[int, int] = {}  # cache row -> the token it is fed instead of the sampled one
-            for k, index in enumerate(live):
+            for k, index in enumerate(run.live):
                 row = batch[index]
                 if row.finish_reason is not None:
                     continue
@@ -355,24 +459,112 @@ class MegatronEngine(GenerationEngine):
                 index = torch.tensor(list(fed), dtype=torch.long, device=tokens.device)
                 tokens = tokens.index_copy(0, index, torch.tensor(list(fed.values()), dtype=tokens.dtype,
                                                                   device=tokens.device))
-            alive = [k for k, index in enumerate(live) if batch[index].finish_reason is None]
+            run.tokens = tokens
+            if waiting:
+                self._join(batch, run, waiting, batch_size, prefix, width, step)
+            alive = [k for k, index in enumerate(run.live) if batch[index].finish_reason is None]
             if not alive:
                 return
-            if len(live) - len(alive) >= max(1.0, COMPACT_FRACTION * len(live)):
+            if len(run.live) - len(alive) >= max(1.0, COMPACT_FRACTION * len(run.live)):
                 keep = torch.tensor(alive, dtype=torch.long, device=device)
-                cache, tokens, positions = cache.take_rows(keep), tokens[keep], positions[keep]
-                params = tuple(t[keep] for t in params)
-                live = [live[k] for k in alive]
+                run.cache = run.cache.take_rows(keep)
+                run.keep(keep)
+                run.live = [run.live[k] for k in alive]
             step += 1
-            ones = torch.ones(len(live), 1, dtype=torch.bool, device=device)
-            logits = self.runner.forward(tokens[:, None], positions[:, None], ones, cache)
-            positions = positions + 1
+            ones = torch.ones(len(run.live), 1, dtype=torch.bool, device=device)
+            logits = self.runner.forward(run.tokens[:, None], run.positions[:, None], ones, run.cache)
+            run.positions = run.positions + 1
             self._stats["decode_steps"] += 1
-            self._stats["decode_row_steps"] += len(live)
+            self._stats["decode_row_steps"] += len(run.live)
 
-    def _row_tensors(self, batch: list[_Row]) -> tuple[torch.Tensor, ...]:
-        """Per-row temperature, top_k, top_p and the row's uniforms for every step."""
-        steps = max(row.capacity for row in batch)
+    def _join(self, batch: list[_Row], run: "_Running", waiting: list[_Row], batch_size: int,
+              prefix: tuple[int, ...], width: int, step: int) -> None:
+        """Move waiting rows into the running batch (continuous batching, see the module docs).
+
+        Decisions depend only on finish states, prompts and the cache layout, which every TP
+        rank has alike, so all ranks join the same rows at the same step.
+        """
+        free = [k for k, index in enumerate(run.live) if batch[index].finish_reason is not None]
+        slots = len(free) + batch_size - len(run.live)
+        if slots <= 0:
+            return
+        cache = run.cache
+        column, p = cache.length, cache.prefix_len
+        take: list[int] = []
+        for i, row in enumerate(waiting):
+            if len(take) == slots:
+                break
+            if len(row.prompt) - 1 <= column and (not p or (len(row.prompt) > p and row.prompt[:p] == prefix)):
+                take.append(i)
+        if not take or (len(take) < max(1, int(JOIN_FRACTION * batch_size)) and len(take) == slots):
+            return  # wait for more free rows: one prefill for several joining requests
+        rows = [waiting[i] for i in take]
+        for i in reversed(take):
+            del waiting[i]
+        start = time.perf_counter()
+        joined = self._prefill_join(rows, cache.prefix)
+        device = self.runner.device
+        new = (self._row_tensors(rows, width),
+               torch.tensor([row.prompt[-1] for row in rows], dtype=run.tokens.dtype, device=device),
+               torch.tensor([len(row.prompt) - 1 for row in rows], dtype=torch.long, device=device),
+               torch.full((len(rows),), step + 1, dtype=torch.long, device=device))
+        indices = list(range(len(batch), len(batch) + len(rows)))
+        batch.extend(rows)
+        if len(rows) <= len(free) and column + max(row.capacity for row in rows) <= cache.max_len:
+            index = torch.tensor(free[: len(rows)], dtype=torch.long, device=device)
+            for t, value in zip(run.params, new[0]):
+                t[index] = value
+            run.tokens[index], run.positions[index], run.born[index] = new[1:]
+            for k, i in zip(free, indices):
+                run.live[k] = i
+        else:
+            kept = [k for k in range(len(run.live)) if k not in set(free)]
+            index = torch.tensor(kept, dtype=torch.long, device=device)
+            # Drop leading columns no kept row uses, leaving room for the joining prompts.
+            used = cache.valid[index, p:column].any(0).nonzero()
+            first = int(used[0]) if len(used) else column - p
+            widest = max(len(row.prompt) - 1 - p for row in rows)
+            trim = max(0, min(first, column - p - widest))
+            run.cache = cache.relayout(index, len(kept) + len(rows), trim, column - trim + 2 * width)
+            run.keep(index)
+            run.params = tuple(torch.cat([t, value]) for t, value in zip(run.params, new[0]))
+            run.tokens, run.positions, run.born = (
+                torch.cat([t, value]) for t, value in zip((run.tokens, run.positions, run.born), new[1:]))
+            run.live = [run.live[k] for k in kept] + indices
+            index = torch.arange(len(kept), len(kept) + len(rows), dtype=torch.long, device=device)
+            self._stats["cache_relayouts"] += 1
+        run.cache.put_rows(index, joined)
+        self._stats["rows_joined"] += len(rows)
+        self._stats["joins"] += 1
+        self._stats["prefill_time_s"] += time.perf_counter() - start
+
+    def _prefill_join(self, rows: list[_Row], prefix: KVCache | None) -> KVCache | None:
+        """The joining rows' prompts but their last token (fed by the next decode step), each
+        distinct one once, after the attached shared prefix: one cache row per joining row, or
+        None when there is nothing to prefill."""
+        p = 0 if prefix is None else prefix.length
+        unique: dict[tuple[int, ...], int] = {}
+        row_to_unique = [unique.setdefault(row.prompt[:-1], len(unique)) for row in rows]
+        prompts = list(unique)
+        width = max(len(q) for q in prompts) - p
+        self._stats["prefill_tokens_requested"] += sum(len(row.prompt) for row in rows)
+        # The last prompt token runs in the decode step, once per row.
+        self._stats["prefill_tokens_computed"] += sum(len(q) - p for q in prompts) + len(rows)
+        self._stats["prefill_pad_tokens"] += len(prompts) * width - sum(len(q) - p for q in prompts)
+        if width == 0:
+            return None
+        device = self.runner.device
+        cache = KVCache(len(prompts), p + width, len(self.runner.layers), device)
+        if prefix is not None:
+            cache.attach_prefix(prefix)
+        tokens, positions, valid = _right_aligned(prompts, p, width, device)
+        self.runner.prefill(tokens, positions, valid, cache)
+        if row_to_unique != list(range(len(prompts))):
+            cache = cache.take_rows(torch.tensor(row_to_unique, dtype=torch.long, device=device))
+        return cache
+
+    def _row_tensors(self, batch: list[_Row], steps: int) -> tuple[torch.Tensor, ...]:
+        """Per-row temperature, top_k, top_p and the row's uniforms for each of `steps` steps."""
         uniforms = torch.zeros(len(batch), steps, dtype=torch.float64)
         for k, row in enumerate(batch):
             if not row.params.greedy:

@@ -82,6 +82,51 @@ class KVCache:
         new.length = n
         return new
 
+    def relayout(self, index: torch.Tensor, rows: int, trim: int, max_len: int) -> "KVCache":
+        """A cache of `rows` rows and `max_len` columns: rows `index` first (the rest empty and
+        invalid), their columns [prefix_len + trim, length) moved down to start at prefix_len.
+
+        Positions are per row, so moving columns changes no attention result; trimming columns
+        that no kept row uses keeps a long-running batch's cache from growing without bound.
+        This cache is consumed: each layer is released once copied, so the copy costs one
+        layer's memory on top, not a second cache.
+        """
+        new = KVCache(rows, max_len, len(self.keys), self.valid.device)
+        new.prefix = self.prefix
+        p, n, m = self.prefix_len, self.length, len(index)
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            if keys is None or values is None:
+                continue
+            new.keys[layer] = keys.new_empty((rows, keys.shape[1], max_len, keys.shape[3]))
+            new.values[layer] = values.new_empty((rows, values.shape[1], max_len, values.shape[3]))
+            new.keys[layer][:m, :, p:n - trim] = keys[index, :, p + trim:n]
+            new.values[layer][:m, :, p:n - trim] = values[index, :, p + trim:n]
+            self.keys[layer] = self.values[layer] = None
+        new.valid[:, :p] = self.valid[:1, :p]  # the attached prefix: the same for every row
+        new.valid[:m, p:n - trim] = self.valid[index, p + trim:n]
+        new.length = n - trim
+        return new
+
+    def put_rows(self, slots: torch.Tensor, other: "KVCache | None") -> None:
+        """Write `other`'s rows (its columns after the shared prefix, `other.length` wide in all,
+        the same prefix attached) into rows `slots`, right-aligned to end at this cache's
+        `length`; every other column of those rows after the prefix becomes invalid padding.
+        `other` None: the rows hold nothing yet besides the prefix."""
+        p, n = self.prefix_len, self.length
+        width = 0 if other is None else other.length - p
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            if keys is None or values is None:
+                continue
+            # Padding is read (masked) by attention: zeros, never stale or uninitialised memory.
+            keys[slots, :, p:n - width] = 0
+            values[slots, :, p:n - width] = 0
+            if width:
+                keys[slots, :, n - width:n] = other.keys[layer][:, :, p:other.length]
+                values[slots, :, n - width:n] = other.values[layer][:, :, p:other.length]
+        self.valid[slots, p:] = False
+        if width:
+            self.valid[slots, n - width:n] = other.valid[:, p:other.length]
+
     def attach_prefix(self, prefix: "KVCache") -> None:
         """Share a one-row cache's columns with every row without copying them."""
         self.prefix = prefix

@@ -210,7 +210,8 @@ def run_generate_prompts(cfg: Config, iteration: int, ift_path: Path, earlier: S
     while len(accepted) < pg.num_prompts and attempts < max_attempts:
         batch = []
         # One request per missing prompt (each yields several candidates): few wasted samples.
-        for _ in range(min(cfg.generation.batch_size, max_attempts - attempts, pg.num_prompts - len(accepted))):
+        round_size = cfg.generation.batch_size or pg.num_prompts  # 0: the engine sizes its batches
+        for _ in range(min(round_size, max_attempts - attempts, pg.num_prompts - len(accepted))):
             text = render_few_shot(_shots(rng, ift, before + [p.text for p in accepted], cfg))
             request = _request(cfg, policy, f"iter{iteration}-gen{attempts}", text, params)
             attempts += 1

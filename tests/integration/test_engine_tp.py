@@ -3,7 +3,8 @@
 The tiny model is saved once at TP=1 as a Megatron distributed checkpoint and loaded at TP=2
 (resharded on load). Greedy and seeded-sampled outputs must be token-for-token equal, on both
 TP ranks, through the direct path and through the Megatron-module path, also from a model built
-for training with sequence parallelism, whose sequence parallelism is back on afterwards.
+for training with sequence parallelism, whose sequence parallelism is back on afterwards; with
+continuous batching (rows joining running batches) and without, and with the auto batch size.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def test_tp2_generation_equals_tp1(tmp_path: Path) -> None:
     assert ranks[0] == ranks[1], "TP ranks must decode identically"
     assert ranks[0]["direct_path"], "the tiny Llama runs the direct path at TP=2"
     assert ranks[0]["sp_restored"] == [True, True]
-    for path in ("direct", "modules", "sp_direct", "sp_modules"):
+    assert ranks[0]["rows_joined"] > 0, "rows join running batches on both ranks alike"
+    for path in ("direct", "modules", "sp_direct", "sp_modules", "static", "auto"):
         got = ranks[0][path]
         assert set(got) == set(reference)
         for request_id, samples in reference.items():

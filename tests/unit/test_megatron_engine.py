@@ -94,12 +94,13 @@ def test_greedy_equals_full_recompute(tiny, path: str) -> None:
 def test_results_in_input_order_across_micro_batches(tiny) -> None:
     cfg, model = tiny
     prompts = prompts_with_shared_head([7, 2, 5, 4, 6, 3, 1], seed=3)
-    engine = MegatronEngine(model, cfg, max_batch_size=3)
-    results = engine.generate(requests_for(prompts, greedy(4)))
-    assert [r.request_id for r in results] == [f"r{i}" for i in range(len(prompts))]
-    assert engine.stats["micro_batches"] == 3
-    for prompt, result in zip(prompts, results):
-        assert result.samples[0].token_ids == recompute_greedy(model, prompt, 4)[0]
+    for continuous in (False, True):
+        engine = MegatronEngine(model, cfg, max_batch_size=3, continuous=continuous)
+        results = engine.generate(requests_for(prompts, greedy(4)))
+        assert [r.request_id for r in results] == [f"r{i}" for i in range(len(prompts))]
+        assert engine.stats["micro_batches"] == (1 if continuous else 3)
+        for prompt, result in zip(prompts, results):
+            assert result.samples[0].token_ids == recompute_greedy(model, prompt, 4)[0]
 
 
 def test_prefix_reuse_changes_nothing_but_work(tiny) -> None:
@@ -550,3 +551,98 @@ def test_softmax_scale_comes_from_the_config_not_the_attention_module(tiny, monk
     assert megatron_scale == pytest.approx(1 / math.sqrt(model.config.kv_channels))
     monkeypatch.setattr(model.config, "softmax_scale", 0.3)
     assert MegatronRunner(model, VOCAB).softmax_scale == 0.3
+
+
+# -- continuous batching ------------------------------------------------------------------------
+
+
+def mixed_requests(prompts: list[list[int]]) -> list[GenerationRequest]:
+    """Seeded sampling with n > 1, greedy, stop strings, allowed tokens and Followups, at mixed
+    lengths: every kind of row a running batch may hold or take in."""
+    from megatron_selfreward.generation.engine import Followup
+
+    kinds = [
+        lambda i: dataclasses.replace(sampled(n=3, seed=i), max_new_tokens=4 + 3 * i % 11),
+        lambda i: dataclasses.replace(greedy(3 + i % 9), n=2),
+        lambda i: dataclasses.replace(sampled(n=2, seed=i), max_new_tokens=12, stop_strings=["<3"]),
+        lambda i: dataclasses.replace(sampled(n=1, seed=i), max_new_tokens=6,
+                                      followup=Followup((65, 66), 2, tuple(range(48, 58)))),
+        lambda i: dataclasses.replace(sampled(n=2, seed=i), max_new_tokens=9,
+                                      allowed_token_ids=list(range(0, VOCAB, 3))),
+    ]
+    return [GenerationRequest(f"r{i}", p, kinds[i % len(kinds)](i)) for i, p in enumerate(prompts)]
+
+
+def static_and_continuous(model, cfg, requests, **kw) -> dict[bool, tuple[list, dict]]:
+    out = {}
+    for continuous in (False, True):
+        engine = MegatronEngine(model, cfg, tokenizer=CharTokenizer(), continuous=continuous, **kw)
+        out[continuous] = (engine.generate(requests), engine.stats)
+    return out
+
+
+def assert_same_samples(static: list, continuous: list) -> None:
+    for a, b in zip(static, continuous, strict=True):
+        assert a.request_id == b.request_id
+        for x, y in zip(a.samples, b.samples, strict=True):
+            assert (x.token_ids, x.finish_reason, x.followup_at, x.text) == (
+                y.token_ids, y.finish_reason, y.followup_at, y.text), a.request_id
+            assert max((abs(p - q) for p, q in zip(x.logprobs, y.logprobs)), default=0.0) < 1e-4
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_continuous_batching_changes_no_sample(tiny, kernels: str) -> None:
+    """Rows that join a running batch (into freed rows, or a cache laid out anew) draw exactly
+    what they draw in static micro-batches: seeded and greedy, n > 1, EOS early, stop strings,
+    allowed tokens, Followups, prompts of mixed lengths."""
+    if kernels == "on" and not decode_cpu.load(required=False):
+        pytest.skip("the C++ decode kernels do not build here")
+    cfg, model = tiny
+    gen = torch.Generator().manual_seed(21)
+    prompts = [torch.randint(0, VOCAB, (int(n),), generator=gen).tolist()
+               for n in torch.randint(1, 24, (15,), generator=gen)]
+    eos = list(range(0, VOCAB, 23))  # some rows end early
+    out = static_and_continuous(model, cfg, mixed_requests(prompts), eos_token_ids=eos,
+                                max_batch_size=5, cpu_kernels=kernels)
+    assert_same_samples(out[False][0], out[True][0])
+    static, continuous = out[False][1], out[True][1]
+    assert static["rows_joined"] == 0
+    assert continuous["rows_joined"] > 10 and continuous["micro_batches"] < static["micro_batches"]
+    # Joins into freed rows in place, and into a cache laid out anew (more rows or columns).
+    assert 0 < continuous["cache_relayouts"] < continuous["joins"]
+    assert continuous["decode_tokens"] == static["decode_tokens"]
+    assert continuous["decode_steps"] < static["decode_steps"]
+
+
+def test_continuous_batching_with_an_attached_shared_prefix(tiny, monkeypatch) -> None:
+    """A batch whose shared prefix stays in one cache row takes in only rows that start with
+    it (the rest wait for a micro-batch of their own); samples are those of static batches."""
+    cfg, model = tiny
+    monkeypatch.setattr(engine_mod, "SHARED_PREFIX_ATTENTION_MIN_TOKENS", 1)
+    judged = prompts_with_shared_head([3, 9, 1, 6, 4, 12, 2, 7, 5], head=20, seed=31)
+    others = prompts_with_shared_head([4, 2, 8], head=5, seed=32)
+    requests = mixed_requests(judged + others)
+    out = static_and_continuous(model, cfg, requests, eos_token_ids=list(range(0, VOCAB, 29)),
+                                max_batch_size=4)
+    assert_same_samples(out[False][0], out[True][0])
+    assert out[True][1]["rows_joined"] > 0
+
+
+def test_auto_batch_size_from_memory_and_config_validation(tiny, monkeypatch) -> None:
+    cfg, model = tiny
+    requests = requests_for(prompts_with_shared_head([5, 3, 8], seed=41), dataclasses.replace(greedy(6), n=2))
+    engine = MegatronEngine(model, cfg, max_batch_size=0)
+    rows = engine._rows(requests)
+    assert engine.auto_batch_size(rows) == engine_mod.DECODE_ROWS_CPU  # plenty of memory
+    conf = model.config
+    token_bytes = 2 * conf.num_layers * conf.num_query_groups * conf.kv_channels * 4
+    row_tokens = max(len(r.prompt) + r.capacity for r in rows) + max(r.capacity for r in rows)
+    monkeypatch.setattr(engine_mod, "_available_memory_bytes", lambda: 12 * row_tokens * token_bytes)
+    assert engine.auto_batch_size(rows) == 3  # a quarter of the memory: 3 rows
+    auto = engine.generate(requests)
+    assert engine.stats["micro_batches"] >= 1
+    fixed = MegatronEngine(model, cfg, max_batch_size=6, continuous=False).generate(requests)
+    assert_same_samples(fixed, auto)
+    assert load_config(CONFIGS / "tiny.yaml", ["generation.batch_size=0"]).generation.batch_size == 0
+    with pytest.raises(Exception, match="generation.batch_size"):
+        load_config(CONFIGS / "tiny.yaml", ["generation.batch_size=-1"])
