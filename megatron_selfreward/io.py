@@ -126,12 +126,8 @@ def _to_json_obj(record: Any) -> Any:
     return to_dict() if callable(to_dict) else record
 
 
-def write_jsonl(path: PathLike, records: Iterable[Any]) -> int:
-    """Atomically write one JSON object per line; returns the number of lines.
-
-    Accepts dicts or records with ``to_dict()``. Streams, so the records may
-    be a generator larger than memory.
-    """
+def _write_lines(path: PathLike, lines: Iterable[bytes]) -> int:
+    """Atomically write each of `lines` plus a newline (gzip for .gz); returns the count."""
     count = 0
 
     def body(raw: IO[bytes]) -> None:
@@ -140,9 +136,8 @@ def write_jsonl(path: PathLike, records: Iterable[Any]) -> int:
         # hashes in manifests stay stable.
         out: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if _is_gz(path) else raw
         try:
-            for record in records:
-                line = json.dumps(_to_json_obj(record), ensure_ascii=False)
-                out.write(line.encode("utf-8"))
+            for line in lines:
+                out.write(line)
                 out.write(b"\n")
                 count += 1
         finally:
@@ -151,6 +146,16 @@ def write_jsonl(path: PathLike, records: Iterable[Any]) -> int:
 
     _atomic_write(path, body)
     return count
+
+
+def write_jsonl(path: PathLike, records: Iterable[Any]) -> int:
+    """Atomically write one JSON object per line; returns the number of lines.
+
+    Accepts dicts or records with ``to_dict()``. Streams, so the records may
+    be a generator larger than memory.
+    """
+    return _write_lines(path, (json.dumps(_to_json_obj(record), ensure_ascii=False).encode("utf-8")
+                               for record in records))
 
 
 def _is_gz(path: PathLike) -> bool:
@@ -312,30 +317,20 @@ def concat_jsonl(sources: Sequence[PathLike], out: PathLike, cls: type[_FromDict
     the newline dropped). For files written by ``write_jsonl`` the result is byte for byte what
     ``write_jsonl`` of all their records writes, without encoding them again.
     """
-    count = 0
 
-    def body(raw_out: IO[bytes]) -> None:
-        nonlocal count
-        out_f: IO[bytes] = gzip.GzipFile(fileobj=raw_out, mode="wb", mtime=0) if _is_gz(out) else raw_out
-        try:
-            for source in sources:
-                for line_no, _, raw in _iter_lines(source):
-                    obj = _parse_line(source, line_no, raw)
-                    if obj is None:
-                        continue
-                    if cls is not None:
-                        cls.from_dict(obj, where=f"{source} line {line_no}")
-                    if line_no == 1:
-                        raw = raw.removeprefix(b"\xef\xbb\xbf")
-                    out_f.write(raw.rstrip(b"\r\n"))
-                    out_f.write(b"\n")
-                    count += 1
-        finally:
-            if out_f is not raw_out:
-                out_f.close()
+    def lines() -> Iterator[bytes]:
+        for source in sources:
+            for line_no, _, raw in _iter_lines(source):
+                obj = _parse_line(source, line_no, raw)
+                if obj is None:
+                    continue
+                if cls is not None:
+                    cls.from_dict(obj, where=f"{source} line {line_no}")
+                if line_no == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")
+                yield raw.rstrip(b"\r\n")
 
-    _atomic_write(out, body)
-    return count
+    return _write_lines(out, lines())
 
 
 def sha256_file(path: PathLike, chunk_bytes: int = 1 << 20) -> str:

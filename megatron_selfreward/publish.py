@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from megatron_selfreward.io import fsync_path
+from megatron_selfreward.megatron.parallel import process_rank
 
 __all__ = ["refuse_existing", "staged_directory"]
 
@@ -57,12 +58,6 @@ def _publish(staging: Path, target: Path, overwrite: bool) -> None:
     fsync_path(target.parent)
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _barrier() -> None:
     import torch.distributed as dist
 
@@ -87,7 +82,7 @@ def staged_directory(target: str | os.PathLike[str], *, overwrite: bool = False,
     # Same parent: a rename is atomic only within one file system.
     if collective:
         staging = target.parent / f".{target.name}.partial"  # a name every rank agrees on
-        if _rank() == 0:
+        if process_rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
         _barrier()
@@ -97,7 +92,7 @@ def staged_directory(target: str | os.PathLike[str], *, overwrite: bool = False,
         yield staging
         if collective:
             _barrier()
-        if _rank() == 0:
+        if process_rank() == 0:
             if sync_files:
                 _fsync_tree(staging)
             os.chmod(staging, 0o755)  # mkdtemp makes it private
@@ -105,6 +100,6 @@ def staged_directory(target: str | os.PathLike[str], *, overwrite: bool = False,
         if collective:
             _barrier()
     except BaseException:
-        if _rank() == 0 or not collective:
+        if process_rank() == 0 or not collective:
             shutil.rmtree(staging, ignore_errors=True)
         raise

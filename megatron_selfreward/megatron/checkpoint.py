@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from megatron_selfreward.megatron.parallel import serial_intra_op
+from megatron_selfreward.megatron.parallel import process_rank, serial_intra_op
 from megatron_selfreward.publish import staged_directory
 
 MODEL_PREFIX = "model."
@@ -30,12 +30,6 @@ TRAINER_STATE = "trainer_state.json"
 # The only distributed-optimizer format that saved and resumed exactly with megatron-core 0.16 on
 # CPU; the default (fully_sharded_model_space) raises "flattened_range is not supported".
 DIST_OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def unwrap(model: Any) -> Any:
@@ -167,8 +161,8 @@ def save_train_state(model_chunks: list[Any], optimizer: Any, directory: str | P
         with serial_intra_op():
             dist_checkpointing.save(sharded, tmp)
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-        if _rank() == 0:
+        torch.save(rng_state(), tmp / "rng" / f"rank_{process_rank():05d}.pt")
+        if process_rank() == 0:
             state = dict(trainer_state, adam_step=adam_step(optimizer))
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
     return Path(directory)
@@ -191,7 +185,7 @@ def load_train_state(model_chunks: list[Any], optimizer: Any, directory: str | P
         inner.load_state_dict(weights, strict=False)
         optimizer.load_state_dict(loaded[OPTIMIZER_KEY])
         _restore_adam_step(optimizer, int(trainer_state["adam_step"]))
-    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    rng_file = path / "rng" / f"rank_{process_rank():05d}.pt"
     set_rng_state(torch.load(rng_file, weights_only=True))  # our own file, tensors only
     return trainer_state
 

@@ -112,6 +112,13 @@ def start_process_group(env: DistEnv, timeout: datetime.timedelta = datetime.tim
                             world_size=env.world_size, timeout=timeout)
 
 
+def process_rank() -> int:
+    """This process's global rank: 0 without a torch.distributed world."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def select_cuda_device(local_rank: int) -> int | None:
     """This process's GPU: `local_rank` modulo the GPUs it sees. With one task per GPU and Slurm's
     GPU binding (`--gpus-per-task`, `--gpu-bind`), each task sees only its own GPU as device 0

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from megatron_selfreward.config import Config, OptimConfig
+from megatron_selfreward.megatron.parallel import process_rank as rank
 from megatron_selfreward.train.sampler import GlobalBatchSampler, total_steps_for
 
 MicroBatches = list[dict[str, torch.Tensor]]
@@ -79,12 +80,6 @@ def training_world(cfg: Config) -> Iterator[None]:
         ps.destroy_model_parallel()
         if created and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def data_parallel() -> tuple[int, int]:
