@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from megatron_selfreward.precision import NATIVE_BF16_FLAGS, read_cpu_info
+from megatron_selfreward.threads import usable_cpus
 
 Facts = dict[str, Any]
 
@@ -268,15 +269,13 @@ def _meminfo_gib(path: Path = Path("/proc/meminfo")) -> dict[str, float]:
 
 def collect_cpu() -> Facts:
     info = read_cpu_info()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
+    budget = usable_cpus()  # what the thread pools are sized from: affinity, cgroup quota, Slurm
     try:
         memory = _meminfo_gib()
     except (OSError, ValueError):
         memory = {}
-    return {"model": info.model, "cores_usable": usable, "cores_total": os.cpu_count(),
+    return {"model": info.model, "cores_usable": budget.cpus, "cores_usable_why": budget.why,
+            "cores_total": os.cpu_count(),
             "bf16_flags": [f for f in CPU_FLAGS_SHOWN if f in info.flags],
             "native_bf16": any(f in info.flags for f in NATIVE_BF16_FLAGS),
             "flags": sorted(info.flags),
