@@ -25,13 +25,14 @@ Writes benchmarks/results/busy_machine.{json,md} (date, CPU model, load before e
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from recording import write_results  # benchmarks/recording.py (beside this script)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -138,7 +139,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/busy_machine"))
     parser.add_argument("--variants", default="auto,active,1")
     parser.add_argument("--keep", action="store_true", help="reuse a prepared --work directory")
-    parser.add_argument("--out", type=Path, default=RESULTS / "busy_machine.json")
+    parser.add_argument("--name", default="busy_machine", help="results file name under benchmarks/results/")
     args = parser.parse_args()
     from megatron_selfreward.precision import read_cpu_info
 
@@ -160,10 +161,7 @@ def main() -> None:
               "idle_s": runs[0]["wall_time_s"], "runs": runs,
               "target_slowdown": TARGET_SLOWDOWN}
     result["slowdown_auto"] = round(runs[1]["wall_time_s"] / runs[0]["wall_time_s"], 2) if len(runs) > 1 else None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(_markdown(result))
-    print(_markdown(result))
+    print(write_results(args.name, result, _markdown, RESULTS))
 
 
 if __name__ == "__main__":
