@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recording import write_results  # benchmarks/recording.py (beside this script)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "continuous_batching.json"
 N_SAMPLES, TEMPERATURE, TOP_P, MAX_NEW_TOKENS, SEED = 4, 0.7, 0.9, 128, 1
@@ -335,10 +337,7 @@ def main() -> None:
         "summary": summarise(runs), "runs": runs,
         "decode_sweep": sweep and (sweep.get("sweep") or sweep),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    print(write_results(args.out.stem, report, markdown, args.out.parent))
 
 
 if __name__ == "__main__":
