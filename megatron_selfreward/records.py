@@ -1,7 +1,7 @@
 """Records: the nouns that stages read and write, one JSON object per JSONL line.
 
-Every record is a frozen dataclass with ``to_dict()`` (JSON-ready) and
-``from_dict(d, where)``. Validation runs in ``__post_init__``, so a record built
+Every record is a frozen dataclass deriving ``Record``, which gives it ``to_dict()``
+(JSON-ready) and ``from_dict(d, where)``. Validation runs in ``__post_init__``, so a record built
 in code is checked exactly like one read from disk; ``from_dict`` adds the
 location (``"iter1/pairs.jsonl line 7"``) to the error so a bad line in a
 100k-line file can be found without a debugger.
@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "RecordError",
+    "Record",
     "Prompt",
     "Response",
     "Judgement",
@@ -35,7 +36,7 @@ __all__ = [
 
 CHAT_ROLES = ("system", "user", "assistant")
 
-R = TypeVar("R")
+R = TypeVar("R", bound="Record")
 
 
 class RecordError(ValueError):
@@ -129,28 +130,41 @@ def _field_names(cls: type) -> tuple[tuple[str, ...], frozenset[str], tuple[str,
     return names, frozenset(names), required
 
 
-def _from_dict(cls: type[R], d: Any, where: str) -> R:
-    """Check keys, then build `cls`; any RecordError is re-reported at `where`."""
-    if not isinstance(d, Mapping):
-        raise RecordError(where, None, f"{cls.__name__} record must be a JSON object, got {_type_name(d)}")
-    names, name_set, required = _field_names(cls)
-    if not name_set.issuperset(d):
-        unknown = sorted(set(d) - name_set)
-        raise RecordError(where, unknown[0], f"is not a field of {cls.__name__} (fields: {', '.join(names)})")
-    for name in required:
-        if name not in d:
-            raise RecordError(where, name, "is missing")
-    try:
-        return cls(**d)
-    except RecordError as err:
-        raise err.at(where) from None
+class Record:
+    """What every record shares, generic over its dataclass fields (no record overrides these).
+
+    ``to_dict()``: the fields in declaration order, lists and dicts copied (``dataclasses.asdict``).
+    ``from_dict(d, where)``: unknown keys rejected, missing required fields named, then the
+    record is built (``__post_init__`` validates); any RecordError is re-reported at ``where``,
+    which defaults to the class name.
+    """
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[R], d: Mapping[str, Any], where: str | None = None) -> R:
+        where = cls.__name__ if where is None else where
+        if not isinstance(d, Mapping):
+            raise RecordError(where, None, f"{cls.__name__} record must be a JSON object, got {_type_name(d)}")
+        names, name_set, required = _field_names(cls)
+        if not name_set.issuperset(d):
+            unknown = sorted(set(d) - name_set)
+            raise RecordError(where, unknown[0], f"is not a field of {cls.__name__} (fields: {', '.join(names)})")
+        for name in required:
+            if name not in d:
+                raise RecordError(where, name, "is missing")
+        try:
+            return cls(**d)
+        except RecordError as err:
+            raise err.at(where) from None
 
 
 # ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Prompt:
+class Prompt(Record):
     """An instruction to answer: a seed IFT prompt or a self-instructed one."""
 
     prompt_id: str
@@ -164,16 +178,9 @@ class Prompt:
         _check_str(self, "source", self.source)
         _check_dict(self, "meta", self.meta)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "Prompt") -> "Prompt":
-        return _from_dict(cls, d, where)
-
 
 @dataclass(frozen=True)
-class Response:
+class Response(Record):
     """One sampled candidate answer to a prompt."""
 
     prompt_id: str
@@ -192,16 +199,9 @@ class Response:
         _check_str(self, "finish_reason", self.finish_reason, nonempty=True)
         _check_dict(self, "meta", self.meta)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "Response") -> "Response":
-        return _from_dict(cls, d, where)
-
 
 @dataclass(frozen=True)
-class Judgement:
+class Judgement(Record):
     """The judge's verdicts on one response: k sampled outputs, their parsed
     scores (None = parse failure, never 0) and the mean of the successes."""
 
@@ -258,16 +258,9 @@ class Judgement:
     def num_failed(self) -> int:
         return sum(s is None for s in self.sample_scores)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "Judgement") -> "Judgement":
-        return _from_dict(cls, d, where)
-
 
 @dataclass(frozen=True)
-class PreferencePair:
+class PreferencePair(Record):
     """One DPO training example: the best and worst judged responses to a prompt.
 
     The response ids are optional provenance so a pair can be traced back to
@@ -302,16 +295,9 @@ class PreferencePair:
             if getattr(self, name) is not None:
                 _check_str(self, name, getattr(self, name), nonempty=True)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "PreferencePair") -> "PreferencePair":
-        return _from_dict(cls, d, where)
-
 
 @dataclass(frozen=True)
-class SFTExample:
+class SFTExample(Record):
     """A chat-format SFT example (IFT or EFT seed); the loss covers assistant turns."""
 
     messages: list[dict[str, str]]
@@ -334,16 +320,9 @@ class SFTExample:
             raise RecordError("SFTExample", "messages", "must end with an assistant turn")
         _check_dict(self, "meta", self.meta)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "SFTExample") -> "SFTExample":
-        return _from_dict(cls, d, where)
-
 
 @dataclass(frozen=True)
-class RankedPrompt:
+class RankedPrompt(Record):
     """A prompt with human-ranked responses (EFT data); rank 0 is the best.
 
     Ranks must be a permutation of 0..n-1: builders renumber after filtering
@@ -376,10 +355,3 @@ class RankedPrompt:
         if sorted(ranks) != list(range(len(ranks))):
             raise RecordError("RankedPrompt", "human_ranks", f"must be a permutation of 0..{len(ranks) - 1}, got {ranks}")
         _check_dict(self, "meta", self.meta)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "RankedPrompt") -> "RankedPrompt":
-        return _from_dict(cls, d, where)

@@ -94,20 +94,19 @@ def _no_pairs_message(iteration: int, pairs_path: Path, why: str) -> str:
 
 def run_train_dpo(cfg: Config, iteration: int, pairs_path: Path, init_dir: Path, out: Path,
                   fp: dict[str, Any] | None) -> dict[str, Any]:
-    from megatron_selfreward.data.dpo_data import prepare_dpo, read_pairs
-    from megatron_selfreward.train import run_dpo
-    from megatron_selfreward.train.loop import init_tokenizer
+    from megatron_selfreward.data.dpo_data import read_pairs
+    from megatron_selfreward.train import prepare_dpo_data, run_dpo
 
     pairs = read_pairs(pairs_path)
     if not pairs:
         raise StageError(_no_pairs_message(iteration, pairs_path, f"{pairs_path} holds no preference pairs"))
-    tokenizer = init_tokenizer(cfg, init_dir)
-    _, stats = prepare_dpo(pairs, tokenizer, cfg.model.chat_template, cfg.dpo.seq_len)
-    if stats.kept == 0:
+    # Tokenised once, here: the refusal below needs the length stats, and run_dpo trains on them.
+    data = prepare_dpo_data(cfg, pairs, init_dir)
+    if data.stats.kept == 0:
         raise StageError(_no_pairs_message(
             iteration, pairs_path, f"all {len(pairs)} pairs have a prompt longer than dpo.seq_len "
             f"{cfg.dpo.seq_len}"))
     if fp is not None:  # only now: a refused stage leaves no model directory behind
         prepare_out_dir(out, fp)
-    summary = run_dpo(cfg, pairs, init_dir, out, source=str(pairs_path))
+    summary = run_dpo(cfg, pairs, init_dir, out, source=str(pairs_path), data=data)
     return {"pairs": len(pairs), **_finish(cfg, summary, out)}

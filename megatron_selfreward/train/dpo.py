@@ -171,6 +171,13 @@ def dpo_task(cfg: Config, pairs: Sequence[TokenizedPair], ref: torch.Tensor, pad
         report_width=len(STAT_NAMES), summarize=summarize)
 
 
+def prepare_dpo_data(cfg: Config, pairs: Sequence[PreferencePair],
+                     init_dir: str | Path | None) -> loop.PreparedData:
+    """`pairs` tokenised for `run_dpo(..., data=)`: a caller that must look at the length stats
+    first (the train_dpo stage refuses zero usable pairs) tokenises them once, not twice."""
+    return loop.prepare_data(cfg, "dpo", pairs, prepare_dpo, init_dir)
+
+
 def run_dpo(
     cfg: Config,
     pairs: Sequence[PreferencePair],
@@ -180,14 +187,20 @@ def run_dpo(
     resume: bool = True,
     stop_after_steps: int | None = None,
     source: str | None = None,
+    data: loop.PreparedData | None = None,
 ) -> dict[str, Any]:
     """DPO from the model in `init_dir` (policy init = reference); write `out_dir`.
 
     Works inside an already initialised world (its TP/PP must match the config) or creates one
     from the launcher's environment. Returns a summary (steps, losses, metrics, data counts).
-    `source` (the data's file) is named when no example is left to train on.
+    `source` (the data's file) is named when no example is left to train on. `data`: `pairs`
+    already tokenised by `prepare_dpo_data` (every rank must pass the same); None tokenises here.
     """
     from megatron_selfreward.megatron.checkpoint import latest_checkpoint
+
+    if data is not None and data.stats.kept + data.stats.dropped != len(pairs):
+        raise ValueError(f"prepared DPO data holds {data.stats.kept + data.stats.dropped} pairs, "
+                         f"the pairs given number {len(pairs)}")
 
     def make_task(state: Any, tpairs: list[TokenizedPair], tokenizer: Any, out: Path, resume: bool):
         resuming = resume and latest_checkpoint(out / "checkpoints") is not None
@@ -197,4 +210,4 @@ def run_dpo(
         return dpo_task(cfg, tpairs, ref, tokenizer.eos_token_id), {"reference_time_s": reference_time_s}
 
     return loop.run_stage(cfg, "dpo", pairs, prepare_dpo, make_task, init_dir, out_dir,
-                          resume=resume, stop_after_steps=stop_after_steps, source=source)
+                          resume=resume, stop_after_steps=stop_after_steps, source=source, data=data)

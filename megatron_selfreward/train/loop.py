@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from megatron_selfreward.config import Config, OptimConfig
+from megatron_selfreward.data.sft_data import LengthStats
 from megatron_selfreward.megatron.parallel import process_rank as rank
 from megatron_selfreward.train.sampler import GlobalBatchSampler, total_steps_for
 
@@ -261,16 +262,38 @@ def train(
 # Set-up shared by run_sft and run_dpo
 
 
+@dataclass(frozen=True)
+class PreparedData:
+    """A data set tokenised for one stage: what `prepare` returned (`items`, `stats`) and the
+    tokenizer that made them (its end-of-sequence id pads the batches)."""
+
+    items: list
+    stats: LengthStats
+    tokenizer: Any
+
+
+def prepare_data(cfg: Config, section: str, records: Any, prepare: Callable,
+                 init_dir: str | Path | None) -> PreparedData:
+    """Tokenise `records` for `<section>` (its seq_len) with the init model's tokenizer.
+
+    Deterministic: every rank that prepares the same records holds the same data.
+    """
+    tokenizer = init_tokenizer(cfg, init_dir)
+    items, stats = prepare(records, tokenizer, cfg.model.chat_template, getattr(cfg, section).seq_len)
+    return PreparedData(items, stats, tokenizer)
+
+
 def run_stage(
     cfg: Config, section: str, records: Any, prepare: Callable, make_task: Callable,
     init_dir: str | Path | None, out_dir: str | Path, *, resume: bool, stop_after_steps: int | None,
-    source: str | None = None,
+    source: str | None = None, data: PreparedData | None = None,
 ) -> dict[str, Any]:
     """The body of run_sft / run_dpo: world, tokenizer, data, train state, train, model dir.
 
     `prepare(records, tokenizer, template, seq_len) -> (items, LengthStats)`;
     `make_task(state, items, tokenizer, out_dir, resume) -> (Task, extra summary entries)`;
-    `source`: where the records came from, named when none of them is left to train on.
+    `source`: where the records came from, named when none of them is left to train on;
+    `data`: `records` already prepared (`prepare_data`), so they are not tokenised again.
     """
     from megatron_selfreward.data.sft_data import check_not_empty
     from megatron_selfreward.megatron.training import build_train_state
@@ -278,8 +301,9 @@ def run_stage(
     out = Path(out_dir)
     with training_world(cfg):
         opt = getattr(cfg, section)
-        tokenizer = init_tokenizer(cfg, init_dir)
-        items, stats = prepare(records, tokenizer, cfg.model.chat_template, opt.seq_len)
+        if data is None:
+            data = prepare_data(cfg, section, records, prepare, init_dir)
+        items, stats, tokenizer = data.items, data.stats, data.tokenizer
         if rank() == 0:
             print(stats.describe(section, opt.seq_len), flush=True)
         check_not_empty(stats, section, opt.seq_len, source)
