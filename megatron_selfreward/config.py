@@ -619,8 +619,8 @@ def _check_pipeline_keys(cfg: Config) -> None:
 def _check_oasst_export(d: DataConfig) -> None:
     if not d.oasst_export:
         return
-    # Both set is ambiguous (whose IFT data?); a seed directory built from the export by
-    # tools/build_oasst_seed.py takes custom eval prompts instead.
+    # Both set is ambiguous (whose IFT data?); a seed directory built from the export
+    # (`selfreward seed oasst`) can take custom eval prompts instead (the message says how).
     _require(d.seed == "builtin", "data.oasst_export",
              f"set data.oasst_export or data.seed, not both (data.seed={d.seed!r}); to pair an OASST "
              "seed with your own eval prompts, build it with `selfreward seed oasst EXPORT OUT_DIR`, "

@@ -72,7 +72,7 @@ def check_engine_available(cfg: Config) -> None:
 
 def load_trtllm_policy(cfg: Config, model_dir: Path) -> Policy:
     """Tokenizer + TensorRT-LLM engine of `model_dir`; no Megatron model is built."""
-    from megatron_selfreward.convert.trtllm_export import prepare_model_dir
+    from megatron_selfreward.generation.trtllm_build import prepare_model_dir
     from megatron_selfreward.generation.trtllm_engine import TRTLLMEngine
 
     model_dir = Path(model_dir)

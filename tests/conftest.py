@@ -26,3 +26,13 @@ def run_python(args: list[str], *, nproc: int = 1, timeout: int = 300, env: dict
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+@pytest.fixture
+def process_world():
+    """The 1-process world a checkpoint converter runs in: its caller opens it (`selfreward
+    convert` does), so tests that call a converter directly hold one for the test."""
+    from megatron_selfreward.megatron.parallel import single_process_world
+
+    with single_process_world():
+        yield

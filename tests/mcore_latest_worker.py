@@ -50,11 +50,11 @@ def main() -> None:
 
     gate = require_megatron_core()
     ref = load_file(args.root / "reference.safetensors")
-    ckpt = convert_hf_to_megatron(args.root / "hf", args.out / "megatron")
-    convert_megatron_to_hf(ckpt, args.out / "hf_back")
-    convert_megatron_to_hf(args.root / "megatron_0161", args.out / "from_0161")
-    cfg = load_config(ckpt / "model_config.yaml")
-    with single_process_world():
+    with single_process_world():  # the converters' world, then the models'
+        ckpt = convert_hf_to_megatron(args.root / "hf", args.out / "megatron")
+        convert_megatron_to_hf(ckpt, args.out / "hf_back")
+        convert_megatron_to_hf(args.root / "megatron_0161", args.out / "from_0161")
+        cfg = load_config(ckpt / "model_config.yaml")
         diffs = {"converted": logits_diff(cfg, ckpt, ref, save_to=args.out / "saved"),
                  "converted_by_0161": logits_diff(cfg, args.root / "megatron_0161", ref)}
         diffs["saved"] = logits_diff(cfg, args.out / "saved", ref)

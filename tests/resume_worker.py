@@ -20,15 +20,16 @@ def main(run_dir: Path) -> None:
     from megatron_selfreward.data.seed import load_builtin_seed
     from megatron_selfreward.io import write_jsonl
     from megatron_selfreward.megatron.parallel import single_process_world
+    from megatron_selfreward.pipeline.params import judge_params, sampling_params
+    from megatron_selfreward.pipeline.run import import_base_model
     from megatron_selfreward.policy import load_policy
     from megatron_selfreward.records import Prompt
-    from megatron_selfreward.stages.import_model import run_import_model
-    from megatron_selfreward.stages.manifest import manifest_path
+    from megatron_selfreward.stages.manifest import fingerprint, manifest_path
     from megatron_selfreward.stages.respond import run_judge_responses, run_sample_responses
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs" / "tiny.yaml", [f"pipeline.run_dir={run_dir}", *OVERRIDES])
-    m0 = run_import_model(cfg, run_dir)
+    m0 = import_base_model(cfg)
     it = run_dir / "iter1"
     prompts = it / "prompts.jsonl"
     if not prompts.is_file():
@@ -37,11 +38,13 @@ def main(run_dir: Path) -> None:
     with single_process_world(cfg.pipeline.seed):
         policy = load_policy(cfg, m0)
         print("sampling", flush=True)
-        run_sample_responses(cfg, policy.engine, policy.tokenizer, prompts, manifest_path(m0),
-                             it / "responses.jsonl")
+        fp = fingerprint({"prompts": prompts, "model": manifest_path(m0)}, sampling_params(cfg))
+        run_sample_responses(cfg, policy.engine, policy.tokenizer, prompts, fp, it / "responses.jsonl")
         print("judging", flush=True)
+        fp = fingerprint({"prompts": prompts, "responses": it / "responses.jsonl", "model": manifest_path(m0)},
+                         judge_params(cfg))
         run_judge_responses(cfg, policy.engine, policy.tokenizer, prompts, it / "responses.jsonl",
-                            manifest_path(m0), it / "judgements.jsonl")
+                            fp, it / "judgements.jsonl")
 
 
 if __name__ == "__main__":

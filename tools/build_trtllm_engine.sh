@@ -10,7 +10,7 @@
 # export step (Megatron -> bf16 Hugging Face directory) and the command construction are tested,
 # the TensorRT-LLM calls against a stand-in for its LLM API (tests/unit/test_trtllm_engine.py,
 # which runs against the real module on a GPU machine). Everything is decided in
-# megatron_selfreward/convert/trtllm_export.py; this file only forwards arguments so that Slurm
+# megatron_selfreward/generation/trtllm_build.py; this file only forwards arguments so that Slurm
 # scripts have one command to call.
 #
 # Usage, a run's model directory (what generation.engine=trtllm does on first use, e.g. as a
@@ -33,4 +33,4 @@
 #   trtllm-build, with the config's TP/PP, max_batch_size (generation.batch_size), max_input_len
 #   and max_seq_len; --method export-only: the HF directory alone (all the PyTorch backend needs).
 set -euo pipefail
-exec python -m megatron_selfreward.convert.trtllm_export "$@"
+exec python -m megatron_selfreward.generation.trtllm_build "$@"

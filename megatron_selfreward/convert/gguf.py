@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from megatron_selfreward.publish import refuse_existing, staged_directory
+from megatron_selfreward.megatron.publish import refuse_existing, staged_directory
 
 __all__ = ["GGUFImportError", "check_gguf_file", "import_gguf"]
 

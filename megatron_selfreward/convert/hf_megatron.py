@@ -18,17 +18,20 @@ a few tensors; see benchmarks/convert_memory.py.
 
 Outputs are written into a hidden staging directory beside `out_dir` and renamed into place
 only when complete, so a failed conversion leaves nothing behind.
+
+Both directions run in a 1-process world with megatron's parallel state that the caller opens
+(`megatron_selfreward.megatron.parallel.single_process_world()`; `selfreward convert` and the
+TensorRT-LLM export do); inputs are checked before the world is needed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -53,7 +56,7 @@ from megatron_selfreward.convert.llama_map import (
 from megatron_selfreward.io import atomic_write_json, atomic_write_text
 from megatron_selfreward.megatron.checkpoint import MODEL_PREFIX
 from megatron_selfreward.megatron.parallel import serial_intra_op
-from megatron_selfreward.publish import staged_directory
+from megatron_selfreward.megatron.publish import staged_directory
 
 __all__ = [
     "ConversionError",
@@ -76,17 +79,20 @@ class ConversionError(ValueError):
 # Shared plumbing
 
 
-@contextlib.contextmanager
-def _conversion_world() -> Iterator[None]:
-    """Conversion is one process at TP=1/PP=1, also when called from a distributed program."""
+def _require_world() -> None:
+    """Conversion runs in a 1-process world with megatron's parallel state (TP=1/PP=1), which
+    whoever runs it opens (`selfreward convert`, the TensorRT-LLM export): the converter builds
+    megatron's meta layout and reads and writes through dist_checkpointing, it owns no world."""
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
-    from megatron_selfreward.megatron.parallel import single_process_world
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        raise RuntimeError(
+            "checkpoint conversion needs a process world: call it inside "
+            "megatron_selfreward.megatron.parallel.single_process_world() (`selfreward convert` opens one)"
+        )
+    if dist.get_world_size() > 1:
         raise RuntimeError("checkpoint conversion runs in a single process; call it outside torchrun")
-    with single_process_world():
-        yield
 
 
 def _conversion_config(model: ModelConfig, dtype: torch.dtype) -> Config:
@@ -198,16 +204,16 @@ def _write_megatron(weights: HFWeights, cfg: Config, target: Path) -> None:
     dtype = cfg.precision.params_dtype
     produce = _LastTensorCache(
         lambda name: hf_to_megatron_tensor(weights.get, cfg, name).to(getattr(torch, dtype)))
-    with _conversion_world():
-        layout, sources = _lazy_sources(_meta_layout(cfg))
+    _require_world()
+    layout, sources = _lazy_sources(_meta_layout(cfg))
 
-        def resolve(key: str, offset: tuple) -> torch.Tensor:
-            name, geometry = sources[(key, offset)]
-            full = produce(name)
-            return full if geometry is None else full.as_strided(*geometry)
+    def resolve(key: str, offset: tuple) -> torch.Tensor:
+        name, geometry = sources[(key, offset)]
+        full = produce(name)
+        return full if geometry is None else full.as_strided(*geometry)
 
-        with serial_intra_op():
-            dist_checkpointing.save(layout, target, sharded_strategy=_streaming_strategy(resolve))
+    with serial_intra_op():
+        dist_checkpointing.save(layout, target, sharded_strategy=_streaming_strategy(resolve))
 
 
 def convert_hf_to_megatron(
@@ -334,7 +340,8 @@ def convert_megatron_to_hf(
     out_dtype = getattr(torch, dtype) if dtype else getattr(torch, cfg.precision.params_dtype)
     base_path = ckpt_dir / HF_CONFIG_FILE
     base = json.loads(base_path.read_text()) if base_path.is_file() else None
-    with staged_directory(out_dir, overwrite=overwrite) as staging, _conversion_world():
+    with staged_directory(out_dir, overwrite=overwrite) as staging:
+        _require_world()
         reader = _LayerReader(ckpt_dir, _meta_layout(cfg), model.num_layers)
         items = [(n, s, out_dtype) for n, s in hf_tensor_shapes(cfg).items()]
         write_hf_weights(staging, items,

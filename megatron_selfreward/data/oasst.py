@@ -120,6 +120,8 @@ def _shape_problem(tree: dict) -> str | None:
         return "expected an OASST message tree with a 'prompt' object"
     if not isinstance(prompt.get("text"), str):
         return "prompt.text must be a string"
+    if not (tree.get("message_tree_id") or prompt.get("message_id")):
+        return "the tree has neither message_tree_id nor prompt.message_id (needed to split it)"
     replies = prompt.get("replies", [])
     if not isinstance(replies, list):
         return "prompt.replies must be a list"

@@ -15,7 +15,7 @@ How it maps the protocol (engine.py) onto the LLM API:
   that is where the weights are): a new model per iteration costs an export, never an engine
   build. "tensorrt" is upstream's legacy TensorRT-engine path (`tensorrt_llm._tensorrt_engine`):
   an engine built once per model directory into `trtllm/` and reused while its stamp (build
-  spec + source identity) matches (`convert/trtllm_export.py`). Both get the config's TP/PP sizes
+  spec + source identity) matches (`generation/trtllm_build.py`). Both get the config's TP/PP sizes
   and length limits.
 - Prompts go in as token-id lists; one TensorRT-LLM request per *sample*, with n=1 and the
   sample's own seed `sample_seed(seed, j)`, so a sample depends on (seed, sample index) only, as
@@ -152,7 +152,7 @@ class TRTLLMEngine(GenerationEngine):
         """A model directory (`models/M<t>`): export `hf/` if needed, then create the LLM from it
         (PyTorch backend) or from the engine built or reused in `trtllm/` (TensorRT backend).
         Called once per iteration (a new model), never per request."""
-        from megatron_selfreward.convert.trtllm_export import build_engine_for, prepare_model_dir
+        from megatron_selfreward.generation.trtllm_build import build_engine_for, prepare_model_dir
         from megatron_selfreward.generation.trtllm_api import pytorch_llm_class, tensorrt_llm_class
 
         if not isinstance(source, (str, Path)):

@@ -3,7 +3,7 @@
 Weights are saved through `megatron.core.dist_checkpointing` from the model's sharded state
 dict, so a checkpoint written at one layout loads at another (resharding on load). A checkpoint
 directory appears only when complete: ranks write into a hidden staging directory beside it and
-rank 0 renames it (`megatron_selfreward.publish`).
+rank 0 renames it (`megatron_selfreward.megatron.publish`).
 
 A training checkpoint (`save_train_state`) adds, in the same directory: the optimizer state
 (megatron's sharded optimizer state; the distributed optimizer in its `dp_reshardable` format,
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from megatron_selfreward.megatron.parallel import process_rank, serial_intra_op
-from megatron_selfreward.publish import staged_directory
+from megatron_selfreward.megatron.publish import staged_directory
 
 MODEL_PREFIX = "model."
 OPTIMIZER_KEY = "optimizer"

@@ -1,14 +1,16 @@
 """The local executor: run a plan's stages in order on this machine, in this process.
 
-Every stage runs by name from its `StageSpec` (`STAGES` maps names to small adapters over the
-stage functions), so the same spec can be handed to another executor, or to
-`selfreward stage <name> --iteration t`. Before running a stage the executor compares the
-manifest next to its main output with the spec's fingerprint: a match means done, and the stage
-is skipped. After it the manifest is written last (stages that manage their own manifest, such
-as the sharded sample/judge stages, write it themselves).
+Every stage runs by name from its `StageSpec` (each name of `pipeline/registry.py` has a small
+adapter here, registered with `@adapter`, that hands the stage function the spec's paths and,
+where the stage writes its own manifest, `spec_fingerprint(spec)`), so the same spec can be
+handed to another executor, or to `selfreward stage <name> --iteration t`. Before running a
+stage the executor compares the manifest next to its main output with the spec's fingerprint: a
+match means done, and the stage is skipped. After it the manifest is written last (stages that
+manage their own manifest, such as the sharded sample/judge stages, write it themselves).
 
-Models are loaded once per stage group: `StageContext.policy(dir)` keeps the last policy, so
-sampling and judging with M_t share one load, and training stages drop it first to free memory.
+Models are loaded once per stage group: `StageContext.models` (a `ModelCache`) keeps the last
+policy, so sampling and judging with M_t share one load (evaluation too), and training stages
+drop it first to free memory. Stages open no process world: the executor does.
 World size 1 runs everything inside one gloo process group; training stages reuse it. With
 `executor.nproc_per_node > 1` the training stages and the sharded generation stages run as
 `selfreward stage ...` under torchrun (generation split over data-parallel ranks, see
@@ -22,6 +24,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +34,7 @@ from megatron_selfreward.config import Config, save_resolved
 from megatron_selfreward.io import atomic_write_json
 from megatron_selfreward.megatron.parallel import read_dist_env
 from megatron_selfreward.pipeline.plan import StageSpec, model_dir, spec_fingerprint
+from megatron_selfreward.pipeline.registry import STAGE_KINDS, adapter, adapter_for, stage_cost
 from megatron_selfreward.precision import describe
 from megatron_selfreward.stages.errors import StageError
 from megatron_selfreward.stages.manifest import is_done, manifest_path, write_manifest
@@ -38,12 +42,34 @@ from megatron_selfreward.threads import threads_choice
 
 Log = Callable[[str], None]
 
-# Rough relative cost of each stage on a CPU run, only for the ETA.
-COST = {"prepare_seed": 0.1, "import_model": 1, "train_sft_baseline": 6, "build_eft": 4,
-        "train_sft": 8, "generate_prompts": 2, "sample_responses": 3, "judge_responses": 5,
-        "build_pairs": 0.1, "train_dpo": 4, "evaluate": 5, "report": 0.2}
-# The report summarises whatever the run holds: always rewritten (it takes a second).
-NO_PRECHECK = {"report"}
+
+class ModelCache:
+    """At most one loaded policy (memory for two big models is not assumed): getting another
+    model's frees the first. Loads lazily, in the process world the executor opened, so a stage
+    whose results are all on disk builds no model."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.directory: Path | None = None
+        self.policy: Any = None  # the loaded one, or None
+
+    def get(self, directory: Path) -> Any:
+        from megatron_selfreward.policy import load_policy
+
+        if self.policy is None or self.directory != directory:
+            self.release()
+            self.policy, self.directory = load_policy(self.cfg, directory), directory
+        return self.policy
+
+    def release(self) -> None:
+        if self.policy is not None:
+            close = getattr(self.policy, "close", None)
+            if close is not None:
+                close()  # an engine's GPU memory and worker processes go before training starts
+        self.policy = self.directory = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 class StageContext:
@@ -55,23 +81,7 @@ class StageContext:
         self.log = log
         # Sharded stages under Slurm: one task of a job array, or the job that gathers after it.
         self.array, self.gather_only = array, gather_only
-        self._policy: tuple[Path, Any] | None = None
-
-    def policy(self, directory: Path) -> Any:
-        from megatron_selfreward.policy import load_policy
-
-        if self._policy is None or self._policy[0] != directory:
-            self.release()
-            self._policy = (directory, load_policy(self.cfg, directory))
-        return self._policy[1]
-
-    def release(self) -> None:
-        if self._policy is not None:
-            close = getattr(self._policy[1], "close", None)
-            if close is not None:
-                close()  # an engine's GPU memory and worker processes go before training starts
-        self._policy = None
-        gc.collect()
+        self.models = ModelCache(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,22 +89,25 @@ class StageContext:
 # function (sharded sampling/judging, import, evaluate, report) wrote its own manifest.
 
 
+@adapter("prepare_seed")
 def _prepare_seed(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
     from megatron_selfreward.stages.seed import run_prepare_seed
 
     return run_prepare_seed(cfg, spec.outputs, ctx.log)
 
 
+@adapter("import_model")
 def _import_model(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     from megatron_selfreward.stages.import_model import run_import_model
 
-    run_import_model(cfg, ctx.run_dir)
+    run_import_model(cfg, spec.aux.get("source"), spec.output, spec_fingerprint(spec))
 
 
+@adapter("build_eft")
 def _build_eft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
     from megatron_selfreward.stages.seed import run_build_eft
 
-    return run_build_eft(cfg, spec.inputs["ranked_train"], ctx.policy(spec.inputs["model"]), spec.output)
+    return run_build_eft(cfg, spec.inputs["ranked_train"], ctx.models.get(spec.inputs["model"]), spec.output)
 
 
 def _world_size() -> int:
@@ -122,10 +135,11 @@ def _launched(cfg: Config) -> bool:
     return cfg.executor.nproc_per_node > 1 and _world_size() == 1
 
 
+@adapter("train_sft_baseline", "train_sft")
 def _train_sft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any] | None:
     from megatron_selfreward.stages.train import run_train_sft
 
-    ctx.release()
+    ctx.models.release()
     if _launched(cfg):
         return _torchrun(cfg, spec, ctx)
     data = {k: v for k, v in spec.inputs.items() if k != "init"}
@@ -133,12 +147,13 @@ def _train_sft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any
     return run_train_sft(cfg, data, spec.inputs["init"], spec.output, fp)
 
 
+@adapter("generate_prompts")
 def _generate_prompts(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
     from megatron_selfreward.stages.prompts import run_generate_prompts
 
     earlier = [p for k, p in spec.inputs.items() if k.startswith("prompts_iter")]
     self_instruct = cfg.generation.prompts.source == "self_instruct"
-    policy = ctx.policy(spec.inputs["generator"]) if self_instruct else None
+    policy = ctx.models.get(spec.inputs["generator"]) if self_instruct else None
     return run_generate_prompts(cfg, spec.iteration, spec.inputs["ift"], earlier, policy, spec.output)
 
 
@@ -155,33 +170,36 @@ def _sharded(cfg: Config, spec: StageSpec, ctx: StageContext, run: Callable[...,
     with generation_workers(cfg, ctx.array, ctx.gather_only) as workers:
         if workers.size > 1:
             ctx.log(f"      {spec.name}: worker {workers.rank} of {workers.size} ({workers.name})")
-        load = lambda: ctx.policy(model).engine  # noqa: E731
+        load = lambda: ctx.models.get(model).engine  # noqa: E731
         run(load() if workers.collective_load else LazyEngine(load), tokenizer, workers)
         if workers is not SINGLE and workers is not GATHER_ONLY:
-            ctx.release()  # the model belongs to this stage's world, which ends here
+            ctx.models.release()  # the model belongs to this stage's world, which ends here
     return None
 
 
+@adapter("sample_responses")
 def _sample_responses(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     from megatron_selfreward.stages.respond import run_sample_responses
 
     def run(engine: Any, tokenizer: Any, workers: Any) -> None:
-        run_sample_responses(cfg, engine, tokenizer, spec.inputs["prompts"],
-                             manifest_path(spec.inputs["model"]), spec.output, workers)
+        run_sample_responses(cfg, engine, tokenizer, spec.inputs["prompts"], spec_fingerprint(spec),
+                             spec.output, workers)
 
     _sharded(cfg, spec, ctx, run)
 
 
+@adapter("judge_responses")
 def _judge_responses(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     from megatron_selfreward.stages.respond import run_judge_responses
 
     def run(engine: Any, tokenizer: Any, workers: Any) -> None:
         run_judge_responses(cfg, engine, tokenizer, spec.inputs["prompts"], spec.inputs["responses"],
-                            manifest_path(spec.inputs["model"]), spec.output, workers)
+                            spec_fingerprint(spec), spec.output, workers)
 
     _sharded(cfg, spec, ctx, run)
 
 
+@adapter("build_pairs")
 def _build_pairs(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     from megatron_selfreward.stages.respond import run_build_pairs
 
@@ -189,36 +207,49 @@ def _build_pairs(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     run_build_pairs(i["prompts"], i["responses"], i["judgements"], spec.output)
 
 
+@adapter("train_dpo")
 def _train_dpo(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any] | None:
     from megatron_selfreward.stages.train import run_train_dpo
 
-    ctx.release()
+    ctx.models.release()
     if _launched(cfg):
         return _torchrun(cfg, spec, ctx)
     fp = spec_fingerprint(spec) if _world_size() == 1 else None
     return run_train_dpo(cfg, spec.iteration, spec.inputs["pairs"], spec.inputs["init"], spec.output, fp)
 
 
+def evaluation_of(cfg: Config, spec: StageSpec) -> tuple[Any, dict[str, Any]]:
+    """The `evaluate` spec as the stage takes it (an `Evaluation`, its held-out inputs derived
+    where the spec's `aux` says when the run has none) and the fingerprint of those inputs."""
+    from megatron_selfreward.stages.evaluate import Evaluation, derive_inputs
+
+    i, aux = spec.inputs, spec.aux
+    ev = derive_inputs(cfg, Evaluation(
+        iteration=spec.iteration, model=i["model"], prev_model=i.get("prev_model"), eft_eval=i["eft_eval"],
+        eval_prompts=i["eval_prompts"], metrics=spec.output, answers_dir=aux["answers"],
+        derived_eft_eval=aux["derived_eft_eval"], derived_eval_prompts=aux["derived_eval_prompts"],
+        run_dir=aux["run_dir"], answer_params=spec.params["answers"]))
+    inputs = {**i, "eft_eval": ev.eft_eval, "eval_prompts": ev.eval_prompts}
+    return ev, spec_fingerprint(replace(spec, inputs=inputs))
+
+
+@adapter("evaluate")
 def _evaluate(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     from megatron_selfreward.stages.evaluate import run_evaluate
 
-    ctx.release()
-    prev = spec.inputs.get("prev_model")
-    run_evaluate(cfg, ctx.run_dir, spec.iteration, spec.inputs["model"], prev)
+    ev, fp = evaluation_of(cfg, spec)
+    ctx.models.release()
+    try:
+        run_evaluate(cfg, ev, fp, ctx.models)
+    finally:
+        ctx.models.release()  # the next stage (or its torchrun children) starts with free memory
 
 
+@adapter("report")
 def _report(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     from megatron_selfreward.report import write_report
 
     write_report(cfg, ctx.run_dir)
-
-
-STAGES: dict[str, Callable[[Config, StageSpec, StageContext], dict[str, Any] | None]] = {
-    "prepare_seed": _prepare_seed, "import_model": _import_model, "train_sft_baseline": _train_sft,
-    "build_eft": _build_eft, "train_sft": _train_sft, "generate_prompts": _generate_prompts,
-    "sample_responses": _sample_responses, "judge_responses": _judge_responses,
-    "build_pairs": _build_pairs, "train_dpo": _train_dpo, "evaluate": _evaluate, "report": _report,
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +263,7 @@ def _inputs_missing(spec: StageSpec) -> bool:
 def stage_done(spec: StageSpec) -> bool:
     # A stage whose inputs are not all there has nothing to compare its manifest with; running
     # it lets the stage say what is missing (the seed loader: what a seed directory must hold).
-    if spec.name in NO_PRECHECK or _inputs_missing(spec):
+    if not STAGE_KINDS[spec.name].skip_when_done or _inputs_missing(spec):
         return False
     return is_done(spec.output, spec_fingerprint(spec)) and all(p.exists() for p in spec.outputs.values())
 
@@ -248,7 +279,7 @@ def run_stage(cfg: Config, spec: StageSpec, ctx: StageContext) -> bool:
     # to report, so only a stage that made do without it is fingerprinted afterwards).
     fp = None if _inputs_missing(spec) else spec_fingerprint(spec)
     with PeakMemory(interval_s=0.2) as meter:
-        counts = STAGES[spec.name](cfg, spec, ctx)
+        counts = adapter_for(spec.name)(cfg, spec, ctx)
     # None: the stage wrote its own manifest (or a launched sub-process did). Rank 0 writes.
     env = read_dist_env()
     if env.rank != 0:
@@ -301,12 +332,12 @@ def run_local(cfg: Config, stages: list[StageSpec], log: Log = print) -> dict[st
     started = time.time()
     ran, skipped = [], []
     spent, cost_done = 0.0, 0.0
-    cost_left = sum(COST.get(s.name, 1) for s in stages)
+    cost_left = sum(stage_cost(s.name) for s in stages)
     with single_process_world(cfg.pipeline.seed):
         ctx = StageContext(cfg, log)
         for i, spec in enumerate(stages, start=1):
             head = f"[{i}/{len(stages)}] {spec.label}"
-            cost = COST.get(spec.name, 1)
+            cost = stage_cost(spec.name)
             cost_left -= cost
             if stage_done(spec):
                 skipped.append(spec.label)
@@ -319,7 +350,7 @@ def run_local(cfg: Config, stages: list[StageSpec], log: Log = print) -> dict[st
             spent, cost_done = spent + took, cost_done + cost
             ran.append(spec.label)
             log(f"      {spec.name} finished in {took:.1f} s{_eta(spent, cost_done, cost_left)}")
-        ctx.release()
+        ctx.models.release()
     return {"run_dir": str(run_dir), "stages_run": ran, "stages_done": skipped,
             "wall_time_s": round(time.time() - started, 1), "last_model": str(_last_model(cfg))}
 

@@ -1,10 +1,11 @@
 """The iteration schedule as data: `plan(cfg)` expands a config into an ordered list of stages.
 
-Each `StageSpec` names a stage (a verb from `stages/`), the iteration it belongs to, the files it
-reads and writes, whether it is a multi-process (torchrun / srun) job, and the config values its
-result depends on (`params`). Executors (`pipeline/local.py`, `pipeline/slurm.py`) run the list
-in order; nothing decides the schedule anywhere else. A stage is done when the manifest next to
-its first output matches `spec_fingerprint(spec)`.
+Each `StageSpec` names a stage (a name of `pipeline/registry.py`), the iteration it belongs to,
+the files it reads and writes, whether it is a multi-process (torchrun / srun) job, and the config
+values its result depends on (`params`, from `pipeline/params.py`). Executors (`pipeline/local.py`,
+`pipeline/slurm.py`) run the list in order and hand each stage function the paths and the
+fingerprint of its spec; nothing decides the schedule, or a stage's paths, anywhere else. A stage
+is done when the manifest next to its first output matches `spec_fingerprint(spec)`.
 
     prepare_seed -> import_model(M0) -> [train_sft_baseline] -> build_eft -> train_sft(M1)
         -> evaluate(M1)
@@ -24,13 +25,21 @@ from typing import Any
 
 from megatron_selfreward.config import Config, ConfigError
 from megatron_selfreward.data.oasst import IFT_FRACTION
+from megatron_selfreward.pipeline.params import (
+    evaluate_params,
+    import_params,
+    judge_params,
+    optim_params,
+    prompt_params,
+    sampling_params,
+)
+from megatron_selfreward.pipeline.registry import STAGE_KINDS, STAGE_NAMES
 from megatron_selfreward.stages.manifest import fingerprint, listing_digest, manifest_path
-from megatron_selfreward.stages.respond import judge_params, sampling_params
+
+__all__ = ["SEED_FILES", "STAGE_NAMES", "StageSpec", "find_stage", "iter_dir", "model_dir", "plan",
+           "spec_fingerprint"]
 
 SEED_FILES = ("ift", "ranked_train", "eft_eval", "eval_prompts")
-STAGE_NAMES = ("prepare_seed", "import_model", "train_sft_baseline", "build_eft", "train_sft",
-               "generate_prompts", "sample_responses", "judge_responses", "build_pairs", "train_dpo",
-               "evaluate", "report")
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,15 @@ class StageSpec:
     outputs: dict[str, Path]
     distributed: bool = False
     params: dict[str, Any] = field(default_factory=dict)
+    # Other paths the stage uses, named here so it decides none: files it derives when an input
+    # is absent, intermediate files it shares with other stages. Neither fingerprinted nor
+    # needed for "done".
+    aux: dict[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in STAGE_KINDS:
+            raise ValueError(f"StageSpec {self.name!r}: not a stage of pipeline/registry.py "
+                             f"(one of {', '.join(STAGE_NAMES)})")
 
     @property
     def output(self) -> Path:
@@ -80,15 +98,13 @@ def spec_fingerprint(spec: StageSpec) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The stages and their parameters (the config values each stage's output depends on)
+# The stages (their parameters: pipeline/params.py)
 
 
 def _import_spec(cfg: Config, run_dir: Path) -> StageSpec:
-    # run_import_model's own fingerprint parts, so a finished import shows as done.
-    from megatron_selfreward.stages.import_model import import_inputs
-
-    _, inputs, params = import_inputs(cfg)
-    return StageSpec("import_model", 0, inputs, {"model": model_dir(run_dir, 0)}, params=params)
+    source, inputs, params = import_params(cfg)
+    aux = {"source": source} if source is not None else {}
+    return StageSpec("import_model", 0, inputs, {"model": model_dir(run_dir, 0)}, params=params, aux=aux)
 
 
 def _eft_judge_dir(cfg: Config, run_dir: Path) -> Path:
@@ -124,7 +140,7 @@ def _seed_stages(cfg: Config, run_dir: Path) -> list[StageSpec]:
     prepare = StageSpec("prepare_seed", 0, inputs, files, params=params)
     stages = [prepare, _import_spec(cfg, run_dir)]
     m0, judge = model_dir(run_dir, 0), _eft_judge_dir(cfg, run_dir)
-    sft = _optim_params(cfg, "sft")
+    sft = optim_params(cfg, "sft")
     if d.eft_judge == "sft_baseline":
         stages.append(StageSpec("train_sft_baseline", 0, {"ift": files["ift"], "init": m0},
                                 {"model": judge}, distributed=True, params=sft))
@@ -141,21 +157,6 @@ def _seed_stages(cfg: Config, run_dir: Path) -> list[StageSpec]:
     return stages
 
 
-def _optim_params(cfg: Config, section: str) -> dict[str, Any]:
-    import dataclasses
-
-    opt = getattr(cfg, section)
-    return {**dataclasses.asdict(opt), "dropout": [cfg.model.hidden_dropout, cfg.model.attention_dropout],
-            "parallel": dataclasses.asdict(cfg.parallel), "dtype": cfg.precision.params_dtype}
-
-
-def _prompt_params(cfg: Config) -> dict[str, Any]:
-    import dataclasses
-
-    return {**dataclasses.asdict(cfg.generation.prompts), "seed": cfg.pipeline.seed,
-            "dtype": cfg.precision.params_dtype}
-
-
 def _iteration_stages(cfg: Config, run_dir: Path, t: int) -> list[StageSpec]:
     it, model = iter_dir(run_dir, t), model_dir(run_dir, t)
     prompts, responses = it / "prompts.jsonl", it / "responses.jsonl"
@@ -166,7 +167,7 @@ def _iteration_stages(cfg: Config, run_dir: Path, t: int) -> list[StageSpec]:
     stages = [
         StageSpec("generate_prompts", t, {"ift": run_dir / "seed" / "ift.jsonl", "generator": generator,
                                           **earlier},
-                  {"prompts": prompts}, params=_prompt_params(cfg)),
+                  {"prompts": prompts}, params=prompt_params(cfg)),
         StageSpec("sample_responses", t, {"prompts": prompts, "model": model}, {"responses": responses},
                   params=sampling_params(cfg)),
         StageSpec("judge_responses", t, {"prompts": prompts, "responses": responses, "model": model},
@@ -174,17 +175,17 @@ def _iteration_stages(cfg: Config, run_dir: Path, t: int) -> list[StageSpec]:
         StageSpec("build_pairs", t, {"prompts": prompts, "responses": responses,
                                      "judgements": judgements}, {"pairs": pairs}),
         StageSpec("train_dpo", t, {"pairs": pairs, "init": model}, {"model": model_dir(run_dir, t + 1)},
-                  distributed=True, params=_optim_params(cfg, "dpo")),
+                  distributed=True, params=optim_params(cfg, "dpo")),
     ]
     stages.append(_evaluate_spec(cfg, run_dir, t + 1))
     return stages
 
 
 def _evaluate_spec(cfg: Config, run_dir: Path, index: int) -> StageSpec:
-    # Mirrors stages.evaluate's own fingerprint (evaluate_inputs / evaluate_params).
-    from megatron_selfreward.stages.evaluate import evaluate_params
-
-    seed = run_dir / "seed"
+    """metrics.json of M<index>; beside it the stage's rm_judgements.jsonl and head_to_head.jsonl.
+    Its answers go to eval/answers/ (shared: M_t's answers serve M_{t+1}'s comparison too); a run
+    without a prepared seed gets its held-out split and prompts derived into eval/inputs/."""
+    seed, evals = run_dir / "seed", run_dir / "eval"
     prompts = seed / "eval_prompts.jsonl"
     if cfg.data.eval_prompts == "alpaca_eval":
         from megatron_selfreward.data.alpaca_eval import CACHE_FILE
@@ -193,8 +194,11 @@ def _evaluate_spec(cfg: Config, run_dir: Path, index: int) -> StageSpec:
     inputs = {"model": model_dir(run_dir, index), "eft_eval": seed / "eft_eval.jsonl", "eval_prompts": prompts}
     if index > 0:
         inputs["prev_model"] = model_dir(run_dir, index - 1)
-    return StageSpec("evaluate", index, inputs, {"metrics": run_dir / "eval" / f"M{index}" / "metrics.json"},
-                     params=evaluate_params(cfg))
+    aux = {"run_dir": run_dir, "answers": evals / "answers",
+           "derived_eft_eval": evals / "inputs" / "eft_eval.jsonl",
+           "derived_eval_prompts": evals / "inputs" / "eval_prompts.jsonl"}
+    return StageSpec("evaluate", index, inputs, {"metrics": evals / f"M{index}" / "metrics.json"},
+                     params=evaluate_params(cfg), aux=aux)
 
 
 def plan(cfg: Config) -> list[StageSpec]:

@@ -172,7 +172,7 @@ def _wait_for(path: Path, timeout_s: float = 300.0) -> None:
 def add_profile_parser(sub: Any, config_args: Callable[[argparse.ArgumentParser], None],
                        func: Callable[[argparse.Namespace], int]) -> None:
     """Register `selfreward profile` on the CLI's subparsers, running `func`."""
-    from megatron_selfreward.pipeline.plan import STAGE_NAMES
+    from megatron_selfreward.pipeline.registry import STAGE_NAMES
 
     p = sub.add_parser("profile", help="run one stage of the plan under torch.profiler: Chrome trace "
                                        "+ top ops (outputs go to a scratch copy of the run)")

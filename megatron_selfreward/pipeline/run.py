@@ -3,7 +3,8 @@
 `run` plans the whole schedule from the config (`pipeline/plan.py`) and hands it to the local
 executor (`pipeline/local.py`): seed -> M0 -> EFT -> SFT (M1) -> for each iteration prompts ->
 responses -> judgements -> pairs -> DPO (M_{t+1}) -> evaluation; finished stages are skipped.
-`run_one` runs a single stage of the same plan by name, as a Slurm job would.
+`run_one` runs a single stage of the same plan by name, as a Slurm job would; `import_base_model`
+the plan's `import_model` (for `selfreward train` without --init).
 """
 
 from __future__ import annotations
@@ -78,8 +79,24 @@ def run_one(cfg: Config, name: str, iteration: int, log: Any = print, array: boo
     else:
         with single_process_world(cfg.pipeline.seed):
             run_stage(cfg, spec, ctx)
-    ctx.release()
+    ctx.models.release()
     return True
+
+
+def import_base_model(cfg: Config, log: Any = print) -> Path:
+    """The plan's M0 directory, imported unless done. Every process that calls it imports (as
+    `selfreward train` under a launcher expects M0 in each); a random initialisation builds its
+    model in a 1-process world opened here."""
+    from megatron_selfreward.megatron.parallel import single_process_world
+
+    spec = find_stage(plan(cfg), "import_model", 0)
+    ctx = StageContext(cfg, log)
+    if cfg.model.source == "random":
+        with single_process_world(cfg.pipeline.seed):
+            run_stage(cfg, spec, ctx)
+    else:
+        run_stage(cfg, spec, ctx)  # links or converts files: no model, no world
+    return spec.output
 
 
 def _unwritten_inputs(stages: list[Any], spec: Any, run_dir: Path) -> list[str]:

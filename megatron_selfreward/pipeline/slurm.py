@@ -44,13 +44,11 @@ from megatron_selfreward.config import Config, ConfigError, generation_tp, save_
 from megatron_selfreward.io import atomic_write_json, atomic_write_text
 from megatron_selfreward.pipeline.local import stage_done
 from megatron_selfreward.pipeline.plan import StageSpec, plan
+from megatron_selfreward.pipeline.registry import STAGE_KINDS
 from megatron_selfreward.pipeline.workers import SHARDED_STAGES
 from megatron_selfreward.stages.errors import StageError
 
 Log = Callable[[str], None]
-# Stages that run a model in one process (generation, evaluation, conversion): one task with
-# the node's GPUs (a TensorRT-LLM engine spreads over them itself).
-MODEL_STAGES = frozenset({"import_model", "build_eft", "generate_prompts", "evaluate"})
 PYTHON_LAUNCHER = "python.sh"  # in <run_dir>/slurm/, used when executor.slurm.python is empty
 # The array-task variables trtllm-llmapi-launch removes (with every SLURM_*) from the stage's
 # environment on rank 0; the job script passes them on explicitly.
@@ -118,7 +116,9 @@ def job_shape(cfg: Config, spec: StageSpec, role: str) -> dict[str, int]:
         return {"nodes": sl.array_nodes, "ntasks_per_node": tasks_per_node(sl), "gpus_per_node": sl.gpus_per_node}
     if spec.distributed:
         return {"nodes": sl.nodes, "ntasks_per_node": tasks_per_node(sl), "gpus_per_node": sl.gpus_per_node}
-    gpus = sl.gpus_per_node if spec.name in MODEL_STAGES else 0
+    # A model in one process (registry `uses_gpus`: generation, evaluation, conversion) gets the
+    # node's GPUs in one task (a TensorRT-LLM engine spreads over them itself).
+    gpus = sl.gpus_per_node if STAGE_KINDS[spec.name].uses_gpus else 0
     return {"nodes": 1, "ntasks_per_node": 1, "gpus_per_node": gpus}
 
 

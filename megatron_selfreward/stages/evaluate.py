@@ -1,6 +1,7 @@
 """Stage `evaluate`: how good is M_t as a judge and as a policy (paper section 6).
 
-`run_evaluate(cfg, run_dir, t, model_dir, prev_model_dir)` writes `eval/M<t>/metrics.json` with
+`run_evaluate(cfg, evaluation, fp, models)` writes `eval/M<t>/metrics.json` (every path as the
+plan's `evaluate` spec names it, see `Evaluation`) with
 (a) the reward-model metrics of Table 4: M_t judges every human-ranked response of the held-out
     EFT eval split with the Figure 2 prompt, `eval.rm_samples` samples each; both the
     first-sample and the k-sample-mean variants are reported (policies in `judging/metrics.py`);
@@ -15,18 +16,19 @@
 Intermediate files are stages of their own with manifests, so a rerun redoes only what changed
 and every verdict can be read: `eval/answers/<model>.jsonl` (reused by the next evaluation, where
 this model is the previous one), `eval/M<t>/rm_judgements.jsonl`, `eval/M<t>/head_to_head.jsonl`.
-At most one model is in memory at a time: each is freed before the next loads.
+Models come from the executor's cache (`pipeline/local.py::ModelCache`, in the process world the
+executor opened): at most one is in memory at a time, each freed before the next loads, and a
+fully cached evaluation loads none.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from megatron_selfreward.config import Config
 from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams
@@ -49,8 +51,8 @@ from megatron_selfreward.stages.respond import SCORE_CUE, force_scores, judge_sa
 __all__ = [
     "SCHEMA_VERSION",
     "RM_POLICY",
-    "evaluate_params",
-    "evaluate_inputs",
+    "Evaluation",
+    "derive_inputs",
     "eval_split",
     "head_to_head_prompts",
     "reward_model_section",
@@ -76,7 +78,32 @@ JudgeOutputs = dict[str, tuple[str | None, str | None]]
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs and fingerprints
+# Inputs
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation as the plan names it (`pipeline/plan.py::_evaluate_spec`): the executor
+    builds it from the spec, this module decides no path of its own."""
+    iteration: int  # the index t of M_t
+    model: Path
+    prev_model: Path | None
+    eft_eval: Path  # held-out human-ranked prompts (the run's seed/eft_eval.jsonl)
+    eval_prompts: Path  # head-to-head instructions (seed/eval_prompts.jsonl or the AlpacaEval cache)
+    metrics: Path  # rm_judgements.jsonl and head_to_head.jsonl are written beside it
+    answers_dir: Path  # <model>.jsonl: one model's answers, reused by the next evaluation
+    derived_eft_eval: Path  # where `derive_inputs` writes the split when eft_eval is absent
+    derived_eval_prompts: Path  # ... and the seed's eval prompts when eval_prompts is absent
+    run_dir: Path  # metrics.json names its files relative to it; judge health reads its iter<n>/
+    answer_params: dict[str, Any]  # how each model answers (the spec's params["answers"])
+
+
+class Models(Protocol):
+    """The executor's one-policy cache (`pipeline/local.py::ModelCache`)."""
+
+    policy: Any  # the loaded policy, or None
+
+    def get(self, model_dir: Path) -> Any: ...
 
 
 def _model_input(model_dir: Path) -> Path:
@@ -85,119 +112,50 @@ def _model_input(model_dir: Path) -> Path:
     return manifest if manifest.is_file() else model_dir
 
 
-def evaluate_params(cfg: Config) -> dict[str, Any]:
-    """The config values metrics.json depends on (an executor's plan can mirror them)."""
-    e, j = cfg.eval, cfg.judge
-    return {"rm_samples": e.rm_samples, "judge_temperature": j.temperature, "judge_top_p": j.top_p,
-            "judge_max_new_tokens": j.max_new_tokens, "judge_template": j.template,
-            "score_range": [j.score_low, j.score_high], "force_score": j.force_score,
-            "head_to_head_prompts": e.head_to_head_prompts,
-            "answers": _answer_params(cfg), "pairwise_judge": e.judge, "pairwise_judge_model": e.judge_model,
-            "pairwise_max_new_tokens": e.judge_max_new_tokens, "seed": cfg.pipeline.seed,
-            "dtype": cfg.precision.params_dtype}
-
-
-def _answer_params(cfg: Config) -> dict[str, Any]:
-    e = cfg.eval
-    return {"temperature": e.answer_temperature, "top_p": e.answer_top_p,
-            "max_new_tokens": e.answer_max_new_tokens or cfg.generation.max_new_tokens,
-            "seed": cfg.pipeline.seed, "chat_template": cfg.model.chat_template,
-            "dtype": cfg.precision.params_dtype}
-
-
 def _load_seed(cfg: Config) -> Any:
     from megatron_selfreward.data.seed import load_builtin_seed, load_seed_dir
 
     return load_builtin_seed() if cfg.data.seed == "builtin" else load_seed_dir(Path(cfg.data.seed))
 
 
-def eval_split(cfg: Config, run_dir: Path) -> Path:
-    """The held-out ranked prompts: `seed/eft_eval.jsonl` when the run prepared its seed,
-    else the same split made here from the config (`data.eft_eval_fraction`, pipeline seed)."""
-    prepared = run_dir / "seed" / "eft_eval.jsonl"
+def eval_split(cfg: Config, prepared: Path, derived: Path) -> Path:
+    """The held-out ranked prompts: `prepared` (seed/eft_eval.jsonl) when the run prepared its
+    seed, else the same split made from the config (`data.eft_eval_fraction`, pipeline seed),
+    written to `derived`."""
     if prepared.is_file():
         return prepared
     from megatron_selfreward.data.seed import split_ranked
 
     _, held_out = split_ranked(_load_seed(cfg).ranked, cfg.data.eft_eval_fraction, cfg.pipeline.seed)
-    out = run_dir / "eval" / "inputs" / "eft_eval.jsonl"
-    write_jsonl(out, held_out)
-    return out
+    write_jsonl(derived, held_out)
+    return derived
 
 
-def head_to_head_prompts(cfg: Config, run_dir: Path) -> Path:
-    """Held-out instructions: the AlpacaEval set when `data.eval_prompts` asks for it, else the
-    seed's (`seed/eval_prompts.jsonl` when the run prepared its seed)."""
-    prepared = run_dir / "seed" / "eval_prompts.jsonl"
+def head_to_head_prompts(cfg: Config, prepared: Path, derived: Path) -> Path:
+    """Held-out instructions: the AlpacaEval set when `data.eval_prompts` asks for it (`prepared`
+    is then its cache file), else the seed's: `prepared` when the run prepared its seed, else
+    written to `derived`."""
     if cfg.data.eval_prompts == "alpaca_eval":
-        from megatron_selfreward.data.alpaca_eval import CACHE_FILE, load_alpaca_eval
+        from megatron_selfreward.data.alpaca_eval import load_alpaca_eval
 
-        load_alpaca_eval(run_dir / "seed")  # downloads once, then reads its cache
-        return run_dir / "seed" / CACHE_FILE
+        load_alpaca_eval(prepared.parent)  # downloads once into `prepared`, then reads it
+        return prepared
     if prepared.is_file():
         return prepared
-    prompts = _load_seed(cfg).eval_prompts
-    out = run_dir / "eval" / "inputs" / "eval_prompts.jsonl"
-    write_jsonl(out, prompts)
-    return out
+    write_jsonl(derived, _load_seed(cfg).eval_prompts)
+    return derived
 
 
-def evaluate_inputs(cfg: Config, run_dir: Path, model_dir: Path,
-                    prev_model_dir: Path | None) -> dict[str, Path]:
-    """Named inputs of the stage, model directories by their manifests (see `_model_input`)."""
-    inputs = {"model": _model_input(model_dir), "eft_eval": eval_split(cfg, run_dir),
-              "eval_prompts": head_to_head_prompts(cfg, run_dir)}
-    if prev_model_dir is not None:
-        inputs["prev_model"] = _model_input(prev_model_dir)
-    return inputs
+def derive_inputs(cfg: Config, evaluation: Evaluation) -> Evaluation:
+    """`evaluation` reading the held-out split and prompts where they are (or were written now:
+    see `eval_split`, `head_to_head_prompts`); the executor fingerprints these files."""
+    ev = evaluation
+    return replace(ev, eft_eval=eval_split(cfg, ev.eft_eval, ev.derived_eft_eval),
+                   eval_prompts=head_to_head_prompts(cfg, ev.eval_prompts, ev.derived_eval_prompts))
 
 
 # ---------------------------------------------------------------------------------------------
 # Models and judges
-
-
-class _ModelSlot:
-    """Holds at most one loaded policy; loading another frees the first (memory for two big
-    models is not assumed). The 1-process world starts on first use only, so a fully cached
-    evaluation never builds a model."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.model_dir: Path | None = None
-        self.policy: Any = None
-        self._world = contextlib.ExitStack()
-        self._world_started = False
-
-    def get(self, model_dir: Path) -> Any:
-        if self.policy is not None and self.model_dir == model_dir:
-            return self.policy
-        self.free()
-        if not self._world_started:
-            from megatron_selfreward.megatron.parallel import single_process_world
-
-            self._world.enter_context(single_process_world(self.cfg.pipeline.seed))
-            self._world_started = True
-        from megatron_selfreward.policy import load_policy
-
-        self.policy, self.model_dir = load_policy(self.cfg, model_dir), model_dir
-        return self.policy
-
-    def free(self) -> None:
-        if self.policy is None:
-            return
-        close = getattr(self.policy, "close", None)
-        if close is not None:
-            close()  # a TensorRT-LLM engine holds GPU memory and worker processes until closed
-        self.policy = self.model_dir = None
-        gc.collect()
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def close(self) -> None:
-        self.free()
-        self._world.close()
 
 
 def _generate(cfg: Config, policy: Any, prompts: Sequence[tuple[str, str]],
@@ -236,11 +194,11 @@ def _reset_stats(policy: Any) -> None:
 class _ModelJudge:
     """A local model answering pairwise prompts greedily (M_t itself or another model dir)."""
 
-    def __init__(self, cfg: Config, slot: _ModelSlot, model_dir: Path) -> None:
-        self.cfg, self.slot, self.model_dir = cfg, slot, model_dir
+    def __init__(self, cfg: Config, models: Models, model_dir: Path) -> None:
+        self.cfg, self.models, self.model_dir = cfg, models, model_dir
 
     def __call__(self, prompts: Sequence[tuple[str, str]]) -> JudgeOutputs:
-        policy = self.slot.get(self.model_dir)
+        policy = self.models.get(self.model_dir)
         _reset_stats(policy)
         params = SamplingParams(temperature=0.0, max_new_tokens=self.cfg.eval.judge_max_new_tokens)
         samples, too_long = _generate(self.cfg, policy, prompts, params)
@@ -249,7 +207,7 @@ class _ModelJudge:
         return out
 
     def stats(self) -> dict[str, Any]:
-        return _engine_stats(self.slot.policy)
+        return _engine_stats(self.models.policy)
 
 
 class _EndpointJudge:
@@ -282,17 +240,17 @@ class _EndpointJudge:
         return {}
 
 
-def _make_judge(cfg: Config, slot: _ModelSlot, model_dir: Path) -> Any:
+def _make_judge(cfg: Config, models: Models, model_dir: Path) -> Any:
     choice = cfg.eval.judge
     if choice.startswith(("http://", "https://")):
         return _EndpointJudge(cfg)
     if choice == "self":
-        return _ModelJudge(cfg, slot, model_dir)
+        return _ModelJudge(cfg, models, model_dir)
     judge_dir = Path(choice).expanduser()
     if not judge_dir.is_dir():
         raise FileNotFoundError(f"config key 'eval.judge': {judge_dir} is not a model directory "
                                 "(use 'self', a dir with megatron/ or hf/, or an http(s)://.../v1 URL)")
-    return _ModelJudge(cfg, slot, judge_dir)
+    return _ModelJudge(cfg, models, judge_dir)
 
 
 def _judge_label(cfg: Config, model_name: str) -> str:
@@ -306,18 +264,17 @@ def _judge_label(cfg: Config, model_name: str) -> str:
 # Sub-stages: each a file with a manifest, recomputed only when its inputs change
 
 
-def _answers(cfg: Config, run_dir: Path, slot: _ModelSlot, model_dir: Path,
-             prompts_path: Path) -> tuple[Path, list[Response]]:
+def _answers(cfg: Config, ev: Evaluation, models: Models, model_dir: Path) -> tuple[Path, list[Response]]:
     """One answer per held-out prompt from `model_dir`, shared by every evaluation that needs it."""
-    out = run_dir / "eval" / "answers" / f"{model_dir.name}.jsonl"
-    a = _answer_params(cfg)
+    out, prompts_path = ev.answers_dir / f"{model_dir.name}.jsonl", ev.eval_prompts
+    a = ev.answer_params
     fp = fingerprint({"model": _model_input(model_dir), "prompts": prompts_path},
                      {**a, "limit": cfg.eval.head_to_head_prompts})
     if is_done(out, fp):
         return out, read_records(out, Response)
     started = time.time()
     prompts = read_records(prompts_path, Prompt)[: cfg.eval.head_to_head_prompts]
-    policy = slot.get(model_dir)
+    policy = models.get(model_dir)
     _reset_stats(policy)
     params = SamplingParams(temperature=a["temperature"], top_p=a["top_p"], max_new_tokens=a["max_new_tokens"])
     samples, too_long = _generate(cfg, policy, [(p.prompt_id, p.text) for p in prompts], params)
@@ -339,7 +296,7 @@ def _unjudged(prompt_id: str, response_id: str, k: int) -> Judgement:
                      raw_outputs=[""] * k, failure_reasons=[PROMPT_TOO_LONG] * k, mean_score=None)
 
 
-def _rm_judgements(cfg: Config, out_dir: Path, slot: _ModelSlot, model_dir: Path,
+def _rm_judgements(cfg: Config, out_dir: Path, models: Models, model_dir: Path,
                    split_path: Path) -> tuple[Path, list[Judgement]]:
     """M_t scores every human-ranked response of the eval split, k samples each (Figure 2 prompt).
 
@@ -359,7 +316,7 @@ def _rm_judgements(cfg: Config, out_dir: Path, slot: _ModelSlot, model_dir: Path
     template = load_template(j.template or None)
     items = [(f"{r.prompt_id}-h{i}", r.prompt_id, render_judge_prompt(r.prompt, text, template))
              for r in read_records(split_path, RankedPrompt) for i, text in enumerate(r.responses)]
-    policy = slot.get(model_dir)
+    policy = models.get(model_dir)
     _reset_stats(policy)
     params = judge_sampling_params(cfg, policy.tokenizer, k)
     requests, too_long = _requests(cfg, policy, [(rid, text) for rid, _, text in items], params)
@@ -502,14 +459,14 @@ def lengths_section(answers: dict[str, Sequence[Response]]) -> dict[str, Any]:
 
 
 def _head_to_head_section(cfg: Config, rows: Sequence[dict], candidate: str, baseline: str,
-                          num_prompts: int) -> dict[str, Any]:
+                          num_prompts: int, answers: dict[str, Any]) -> dict[str, Any]:
     failures = Counter(_failure_kind(r[key]) for r in rows for key in ("failure_first", "failure_second")
                        if r[key])
     disagreements = sum(r["outcome"] == "tie" for r in rows)
     return {"candidate": candidate, "baseline": baseline, "judge": _judge_label(cfg, candidate),
             "prompts": num_prompts, **summarize_outcomes(r["outcome"] for r in rows),
             "disagreements": disagreements, "verdict_failures": dict(sorted(failures.items())),
-            "answers": _answer_params(cfg),
+            "answers": answers,
             "policy": "judged in both orders; disagreement = tie; an unparsed verdict = unjudged "
                       "(rates over judged comparisons)"}
 
@@ -530,54 +487,48 @@ def _wall_times(paths: dict[str, Path]) -> dict[str, float]:
     return out
 
 
-def _compare(cfg: Config, run_dir: Path, slot: _ModelSlot, model_dir: Path, prev_model_dir: Path,
-             prompts_path: Path, files: dict[str, Path]) -> tuple[dict, dict[str, list[Response]]]:
+def _compare(cfg: Config, ev: Evaluation, models: Models, prev_model_dir: Path,
+             files: dict[str, Path]) -> tuple[dict, dict[str, list[Response]]]:
     """Answers of both models (M_{t-1} first: M_t then stays loaded to judge) and the verdicts."""
-    prev_path, prev = _answers(cfg, run_dir, slot, prev_model_dir, prompts_path)
-    cur_path, cur = _answers(cfg, run_dir, slot, model_dir, prompts_path)
-    judge = _make_judge(cfg, slot, model_dir)
+    model_dir = ev.model
+    prev_path, prev = _answers(cfg, ev, models, prev_model_dir)
+    cur_path, cur = _answers(cfg, ev, models, model_dir)
+    judge = _make_judge(cfg, models, model_dir)
     judge_fp = {"judge_model": _model_input(judge.model_dir)} if isinstance(judge, _ModelJudge) else {}
-    out_dir = run_dir / "eval" / files["metrics"].parent.name
-    h2h_path, rows = _head_to_head(cfg, out_dir, judge, judge_fp, prompts_path,
+    h2h_path, rows = _head_to_head(cfg, ev.metrics.parent, judge, judge_fp, ev.eval_prompts,
                                    (model_dir.name, cur_path, cur), (prev_model_dir.name, prev_path, prev))
     files.update({f"answers_{prev_model_dir.name}": prev_path, f"answers_{model_dir.name}": cur_path,
                   "head_to_head": h2h_path})
-    num_prompts = min(len(read_records(prompts_path, Prompt)), cfg.eval.head_to_head_prompts)
-    section = _head_to_head_section(cfg, rows, model_dir.name, prev_model_dir.name, num_prompts)
+    num_prompts = min(len(read_records(ev.eval_prompts, Prompt)), cfg.eval.head_to_head_prompts)
+    section = _head_to_head_section(cfg, rows, model_dir.name, prev_model_dir.name, num_prompts,
+                                    ev.answer_params)
     return section, {model_dir.name: cur, prev_model_dir.name: prev}
 
 
-def run_evaluate(cfg: Config, run_dir: Path, iteration: int, model_dir: Path,
-                 prev_model_dir: Path | None) -> Path:
-    """Evaluate M_t (`model_dir`) against M_{t-1}; writes `eval/M<t>/metrics.json` + manifest."""
-    run_dir, model_dir = Path(run_dir), Path(model_dir)
-    prev_model_dir = Path(prev_model_dir) if prev_model_dir is not None else None
-    out = run_dir / "eval" / f"M{iteration}" / "metrics.json"
-    inputs = evaluate_inputs(cfg, run_dir, model_dir, prev_model_dir)
-    fp = fingerprint(inputs, evaluate_params(cfg))
+def run_evaluate(cfg: Config, ev: Evaluation, fp: dict[str, Any], models: Models) -> Path:
+    """Evaluate M_t (`ev.model`) against M_{t-1}; writes `ev.metrics` + its manifest (`fp`, the
+    spec's fingerprint of the inputs `derive_inputs` settled on). Models load through `models`
+    (in the executor's process world) only when a sub-result is not cached."""
+    out, model_dir, prev_model_dir, run_dir = ev.metrics, ev.model, ev.prev_model, ev.run_dir
     if is_done(out, fp):
         return out
     started = time.time()
     files: dict[str, Path] = {"metrics": out}
-    slot = _ModelSlot(cfg)
-    try:
-        if prev_model_dir is not None:
-            h2h, answers = _compare(cfg, run_dir, slot, model_dir, prev_model_dir, inputs["eval_prompts"], files)
-        else:
-            path, cur = _answers(cfg, run_dir, slot, model_dir, inputs["eval_prompts"])
-            h2h, answers = {"skipped": "no previous model to compare with"}, {model_dir.name: cur}
-            files[f"answers_{model_dir.name}"] = path
-        files["rm_judgements"], rm = _rm_judgements(cfg, out.parent, slot, model_dir, inputs["eft_eval"])
-    finally:
-        slot.close()
-    ranked = read_records(inputs["eft_eval"], RankedPrompt)
+    if prev_model_dir is not None:
+        h2h, answers = _compare(cfg, ev, models, prev_model_dir, files)
+    else:
+        path, cur = _answers(cfg, ev, models, model_dir)
+        h2h, answers = {"skipped": "no previous model to compare with"}, {model_dir.name: cur}
+        files[f"answers_{model_dir.name}"] = path
+    files["rm_judgements"], rm = _rm_judgements(cfg, out.parent, models, model_dir, ev.eft_eval)
+    ranked = read_records(ev.eft_eval, RankedPrompt)
     metrics = {
         "schema_version": SCHEMA_VERSION,
         "model": model_dir.name,
-        "iteration": iteration,
+        "iteration": ev.iteration,
         "previous_model": prev_model_dir.name if prev_model_dir is not None else None,
         "reward_model": reward_model_section(ranked, rm, cfg.judge.score_high),
-        "judge_health": judge_health_section(cfg, run_dir, iteration),
+        "judge_health": judge_health_section(cfg, run_dir, ev.iteration),
         "head_to_head": h2h,
         "lengths": lengths_section(answers),
         "files": {name: str(path.relative_to(run_dir)) for name, path in files.items() if name != "metrics"},

@@ -7,8 +7,10 @@ checkpoint; random -> a freshly initialised Megatron checkpoint (test presets).
 The user's model is checked here, and errors name the user's files: a GGUF's header and tensor
 extents against its size (`convert.gguf`), a HF directory's config.json and every safetensors
 header against its file's size (`convert.hf_checkpoint`), and the config against the model's
-architecture. The fingerprint holds the source's identity (`import_inputs`), so a file changed
-at the same path is imported again, not silently reused.
+architecture. The plan names the source, the output directory and the fingerprint (which holds
+the source's identity, `pipeline/params.py::import_params`, so a file changed at the same path is
+imported again, not silently reused); the executor passes them in, and opens the process world
+a random initialisation builds its model in.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 from megatron_selfreward.config import Config, ConfigError
 from megatron_selfreward.convert.hf_checkpoint import HFCheckpointError, HFWeights, read_hf_config
 from megatron_selfreward.convert.llama_map import check_same_architecture
-from megatron_selfreward.stages.manifest import fingerprint, is_done, listing_digest, write_manifest
+from megatron_selfreward.stages.manifest import is_done, write_manifest
 
 
 def resolve_model_path(path: str) -> Path:
@@ -43,25 +45,11 @@ def _link(target: Path, link: Path) -> None:
 
 
 def _save_random(cfg: Config, directory: Path) -> None:
+    """Needs the 1-process world (megatron's parallel state) the executor opened."""
     from megatron_selfreward.megatron.checkpoint import save_model
     from megatron_selfreward.megatron.model import build_model
-    from megatron_selfreward.megatron.parallel import single_process_world
 
-    with single_process_world(cfg.pipeline.seed):
-        save_model(build_model(cfg), directory)
-
-
-def import_inputs(cfg: Config) -> tuple[Path | None, dict[str, Path], dict[str, Any]]:
-    """(source, fingerprint inputs, fingerprint params) of the import; `plan._import_spec` uses
-    the same, so a finished import shows as done. A source file is an input (hashed by content);
-    a source directory counts by its file listing, not by hashing gigabytes of weights."""
-    m = cfg.model
-    source = resolve_model_path(m.path) if m.source != "random" else None
-    inputs = {"source": source} if source and source.is_file() else {}
-    params: dict[str, Any] = {"source": m.source, "path": str(source or ""), "seed": cfg.pipeline.seed}
-    if source is not None and source.is_dir():
-        params["source_listing"] = listing_digest(source)
-    return source, inputs, params
+    save_model(build_model(cfg), directory)
 
 
 def _check_architecture(cfg: Config, hf_config: dict[str, Any], where: str) -> None:
@@ -83,11 +71,9 @@ def _check_hf_source(cfg: Config, source: Path) -> None:
     _check_architecture(cfg, hf_config, str(source / "config.json"))
 
 
-def run_import_model(cfg: Config, run_dir: Path) -> Path:
-    out = run_dir / "models" / "M0"
+def run_import_model(cfg: Config, source: Path | None, out: Path, fp: dict[str, Any]) -> Path:
+    """Import `source` (None: random init) as the model directory `out`; its manifest holds `fp`."""
     m = cfg.model
-    source, inputs, params = import_inputs(cfg)
-    fp = fingerprint(inputs, params)
     if is_done(out, fp):
         return out
     started = time.time()

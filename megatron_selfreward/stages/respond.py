@@ -56,21 +56,6 @@ def _texts(engine: Any, requests: list[GenerationRequest]) -> dict[str, list[Any
     return {r.request_id: r.samples for r in engine.generate(requests)} if requests else {}
 
 
-def sampling_params(cfg: Config) -> dict[str, Any]:
-    """The config values sampled responses depend on (the stage fingerprint's params)."""
-    g = cfg.generation
-    return {"n": g.responses_per_prompt, "temperature": g.temperature, "top_p": g.top_p,
-            "top_k": g.top_k, "max_new_tokens": g.max_new_tokens, "seed": cfg.pipeline.seed,
-            "dtype": cfg.precision.params_dtype}
-
-
-def judge_params(cfg: Config) -> dict[str, Any]:
-    j = cfg.judge
-    return {"k": j.samples_per_response, "temperature": j.temperature, "top_p": j.top_p,
-            "max_new_tokens": j.max_new_tokens, "template": j.template, "seed": cfg.pipeline.seed,
-            "force_score": j.force_score, "dtype": cfg.precision.params_dtype}
-
-
 # Measured on SmolLM2-135M after its own verdict: a bare "Score: " is followed by 100 or 10
 # (a percentage or /10) in 4 of 5 samples; naming the range first gets ~45% in range, spread out.
 SCORE_CUE = "\nFinal score (an integer from 0 to 5)\nScore: "
@@ -190,12 +175,12 @@ def _engine_stats(engine: Any) -> dict[str, Any]:
 
 
 def run_sample_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_path: Path,
-                         model_manifest: Path, out: Path,
+                         fp: dict[str, Any], out: Path,
                          workers: Workers = SINGLE) -> Records[Response] | None:
     """Sample N responses per prompt. With several `workers`, each computes its share of the
-    shards; the gathering worker writes the output and manifest (others return None)."""
+    shards; the gathering worker writes the output and manifest (others return None). `fp`: the
+    stage's fingerprint (its spec's), in the manifest and every shard."""
     g = cfg.generation
-    fp = fingerprint({"prompts": prompts_path, "model": model_manifest}, sampling_params(cfg))
     if is_done(out, fp):
         return Records(out, Response)
     started = time.time()
@@ -243,12 +228,10 @@ def _was_too_long(judgement: Judgement) -> bool:
 
 
 def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_path: Path,
-                        responses_path: Path, model_manifest: Path, out: Path,
+                        responses_path: Path, fp: dict[str, Any], out: Path,
                         workers: Workers = SINGLE) -> Records[Judgement] | None:
     """Judge every response k times; sharded over `workers` like run_sample_responses."""
     j = cfg.judge
-    fp = fingerprint({"prompts": prompts_path, "responses": responses_path, "model": model_manifest},
-                     judge_params(cfg))
     if is_done(out, fp):
         return Records(out, Judgement)
     started = time.time()

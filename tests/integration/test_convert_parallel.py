@@ -31,6 +31,7 @@ MODELS = {"untied": False, "tied": True}
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("process_world")  # the converters' world
 def test_converted_checkpoint_at_tp2_and_pp2_matches_transformers(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

@@ -87,6 +87,7 @@ def test_the_pinned_latest_release_is_in_the_supported_range():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("process_world")  # the converter's world
 def test_conversion_and_checkpoints_under_the_latest_megatron_core(latest_python, tmp_path):
     from safetensors.torch import save_file
 

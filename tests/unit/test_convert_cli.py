@@ -1,4 +1,5 @@
-"""`selfreward convert hf-to-megatron | megatron-to-hf` honour --dtype and --overwrite."""
+"""`selfreward convert hf-to-megatron | megatron-to-hf` honour --dtype and --overwrite, and
+megatron-to-hf --model-config, --tokenizer and --max-shard-gb."""
 
 from __future__ import annotations
 
@@ -43,3 +44,27 @@ def test_dtype_and_overwrite_reach_both_directions(hf_dir, tmp_path, capsys):
     assert main(["convert", "megatron-to-hf", str(ckpt), str(back)]) == 2
     assert main(["convert", "megatron-to-hf", str(ckpt), str(back), "--overwrite"]) == 0
     assert _hf_dtypes(back) == {torch.float32}  # the checkpoint's own
+
+
+def test_megatron_to_hf_honours_model_config_tokenizer_and_max_shard_gb(hf_dir, tmp_path):
+    """The options tools/convert_megatron_to_hf.py had alone, on a checkpoint without its
+    model_config.yaml (as training saves them) and a tokenizer from elsewhere."""
+    import json
+    import shutil
+
+    ckpt = tmp_path / "megatron"
+    assert main(["convert", "hf-to-megatron", str(hf_dir), str(ckpt)]) == 0
+    model_config = tmp_path / "run.yaml"
+    shutil.move(ckpt / "model_config.yaml", model_config)
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 123}))
+
+    back = tmp_path / "hf-back"
+    assert main(["convert", "megatron-to-hf", str(ckpt), str(back)]) == 3  # no model config
+    assert main(["convert", "megatron-to-hf", str(ckpt), str(back), "--model-config", str(model_config),
+                 "--tokenizer", str(tokenizer), "--max-shard-gb", str(100_000 / 1024**3)]) == 0
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # shards of about 100 kB
+    assert json.loads((back / "tokenizer_config.json").read_text()) == {"model_max_length": 123}
+    assert json.loads((back / "config.json").read_text())["num_hidden_layers"] == 2

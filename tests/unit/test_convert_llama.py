@@ -183,6 +183,7 @@ def read_tensors(hf: Path) -> dict[str, torch.Tensor]:
     return {name: weights.get(name) for name in weights.specs}
 
 
+@pytest.mark.usefixtures("process_world")
 def test_round_trip_is_bit_exact_and_checkpoint_logits_match(hf_dir, tokens, tmp_path):
     megatron_dir = convert_hf_to_megatron(hf_dir, tmp_path / "megatron")
     back = convert_megatron_to_hf(megatron_dir, tmp_path / "hf")
@@ -210,6 +211,7 @@ def sharded_bf16(tmp_path_factory) -> Path:
     return root / "model"
 
 
+@pytest.mark.usefixtures("process_world")
 def test_sharded_bf16_round_trip_and_sharded_output(sharded_bf16, tmp_path):
     megatron_dir = convert_hf_to_megatron(sharded_bf16, tmp_path / "megatron")
     back = convert_megatron_to_hf(megatron_dir, tmp_path / "hf", max_shard_bytes=100_000)
@@ -284,6 +286,7 @@ def test_unsupported_model_fails_naming_config(hf_dir, tmp_path, change, message
     assert_no_output(tmp_path / "out")
 
 
+@pytest.mark.usefixtures("process_world")
 def test_failure_while_writing_leaves_nothing(hf_dir, tmp_path, monkeypatch):
     from megatron_selfreward.convert import hf_megatron
 
@@ -320,7 +323,7 @@ def load_tool(name: str):
 
 
 def test_cli_tools_and_trtllm_export(hf_dir, tmp_path, capsys):
-    from megatron_selfreward.convert.trtllm_export import export_for_trtllm, trtllm_build_commands
+    from megatron_selfreward.generation.trtllm_build import export_for_trtllm, trtllm_build_commands
 
     to_megatron, to_hf = load_tool("convert_hf_to_megatron"), load_tool("convert_megatron_to_hf")
     assert to_megatron.main(["--hf", str(hf_dir), "--out", str(tmp_path / "m")]) == 0

@@ -103,6 +103,7 @@ def test_sharded_state_dict_keys_are_spec_independent(hf_dir, monkeypatch):
     assert ("ShardedTensor", "model.decoder.layers.mlp.linear_fc1.layer_norm_weight", (1, 0), (2, 64)) in te
 
 
+@pytest.mark.usefixtures("process_world")
 def test_conversion_round_trips_with_te_named_layout(hf_dir, tmp_path, monkeypatch):
     """HF -> Megatron -> HF with the TE-named layout, and back from a local-spec checkpoint."""
     from megatron.core.dist_checkpointing import load_tensors_metadata
@@ -118,6 +119,7 @@ def test_conversion_round_trips_with_te_named_layout(hf_dir, tmp_path, monkeypat
         assert all(torch.equal(original[k], returned[k]) for k in original), ckpt.name
 
 
+@pytest.mark.usefixtures("process_world")
 def test_local_spec_checkpoint_loads_into_te_named_model(hf_dir, tokens, tmp_path, monkeypatch):
     from megatron_selfreward.config import load_config
 

@@ -243,18 +243,34 @@ def _synthetic_iteration(run_dir: Path) -> None:
     ])
 
 
+def _run_evaluate(cfg, index: int = 2) -> Path:
+    """The plan's evaluate (M<index> against M<index-1>) as its adapter runs it, in a 1-process
+    world the way the executor provides one."""
+    from megatron_selfreward.megatron.parallel import single_process_world
+    from megatron_selfreward.pipeline.local import ModelCache, evaluation_of
+    from megatron_selfreward.pipeline.plan import find_stage, plan
+    from megatron_selfreward.stages.evaluate import run_evaluate
+
+    evaluation, fp = evaluation_of(cfg, find_stage(plan(cfg), "evaluate", index))
+    models = ModelCache(cfg)
+    with single_process_world(cfg.pipeline.seed):
+        try:
+            return run_evaluate(cfg, evaluation, fp, models)
+        finally:
+            models.release()
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
-    from megatron_selfreward.stages.evaluate import run_evaluate
-    from megatron_selfreward.stages.import_model import run_import_model
+    from megatron_selfreward.pipeline.run import import_base_model
 
     run_dir = tmp_path_factory.mktemp("eval") / "tiny"
     cfg = _tiny_cfg(run_dir)
-    m0 = run_import_model(cfg, run_dir)
+    m0 = import_base_model(cfg)
     for name in ("M1", "M2"):
         shutil.copytree(m0, run_dir / "models" / name)
     _synthetic_iteration(run_dir)
-    out = run_evaluate(cfg, run_dir, 2, run_dir / "models" / "M2", run_dir / "models" / "M1")
+    out = _run_evaluate(cfg)
     yield run_dir, out
 
 
@@ -302,19 +318,16 @@ def test_judge_health_of_present_and_missing_iterations(tiny_run):
 
 
 def test_rerun_is_a_no_op(tiny_run):
-    from megatron_selfreward.stages.evaluate import run_evaluate
-
     run_dir, out = tiny_run
     manifest = run_dir / "eval" / "M2" / "metrics.manifest.json"
     before = manifest.stat().st_mtime_ns
     started = time.monotonic()
-    run_evaluate(_tiny_cfg(run_dir), run_dir, 2, run_dir / "models" / "M2", run_dir / "models" / "M1")
+    _run_evaluate(_tiny_cfg(run_dir))
     assert manifest.stat().st_mtime_ns == before and time.monotonic() - started < 5
 
 
 def test_endpoint_judge_reuses_answers_and_counts_position_bias_as_ties(tiny_run):
     from megatron_selfreward.io import read_jsonl
-    from megatron_selfreward.stages.evaluate import run_evaluate
 
     run_dir, _ = tiny_run
     kept = {p: p.stat().st_mtime_ns for p in (run_dir / "eval").rglob("*.manifest.json")
@@ -323,7 +336,7 @@ def test_endpoint_judge_reuses_answers_and_counts_position_bias_as_ties(tiny_run
     # comparison disagrees across the two orders, so every one is a tie.
     with _Server([(200, _completion("Output (a)"), 0.0)]) as server:
         cfg = _tiny_cfg(run_dir, f"eval.judge={server.url}", "eval.judge_model=judge-x")
-        out = run_evaluate(cfg, run_dir, 2, run_dir / "models" / "M2", run_dir / "models" / "M1")
+        out = _run_evaluate(cfg)
     assert len(server.requests) == 6 and all(r["json"]["model"] == "judge-x" for r in server.requests)
     h2h = json.loads(out.read_text())["head_to_head"]
     assert (h2h["tie"], h2h["disagreements"], h2h["unjudged"], h2h["tie_rate"]) == (3, 3, 0, 1.0)

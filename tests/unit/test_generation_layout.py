@@ -40,7 +40,7 @@ def test_the_generation_model_is_built_in_the_generation_layout(cfg70b):
 
 
 def test_tensorrt_llm_is_asked_for_one_replica_of_the_generation_layout(cfg70b, tmp_path):
-    from megatron_selfreward.convert.trtllm_export import build_spec
+    from megatron_selfreward.generation.trtllm_build import build_spec
 
     spec = build_spec(cfg70b, tmp_path / "hf", tmp_path / "engine")
     assert (spec.tp_size, spec.pp_size) == (8, 1)

@@ -23,7 +23,7 @@ from megatron_selfreward.convert.gguf import GGUFImportError, check_gguf_file, i
 from megatron_selfreward.convert.hf_checkpoint import HFCheckpointError
 from megatron_selfreward.pipeline.local import stage_done
 from megatron_selfreward.pipeline.plan import find_stage, plan
-from megatron_selfreward.stages.import_model import run_import_model
+from megatron_selfreward.pipeline.run import import_base_model
 from tests.conftest import CONFIGS
 
 
@@ -74,7 +74,7 @@ def test_truncated_safetensors_fails_at_import_naming_the_users_file(tmp_path):
     weights = source / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(HFCheckpointError) as caught:
-        run_import_model(hf_cfg(tmp_path, source), tmp_path / "run")
+        import_base_model(hf_cfg(tmp_path, source))
     assert str(caught.value).startswith(f"{weights}: truncated safetensors file: tensor ")
     assert not (tmp_path / "run" / "models" / "M0").exists()  # no link to a broken model
 
@@ -83,10 +83,10 @@ def test_hf_source_without_valid_config_fails_at_import(tmp_path):
     source = write_hf_dir(tmp_path / "user_model", tiny_cfg(tmp_path))
     (source / "config.json").write_text("{not json")
     with pytest.raises(HFCheckpointError, match=f"^{source / 'config.json'}: not valid JSON"):
-        run_import_model(hf_cfg(tmp_path, source), tmp_path / "run")
+        import_base_model(hf_cfg(tmp_path, source))
     (source / "config.json").unlink()
     with pytest.raises(HFCheckpointError, match=f"^{source / 'config.json'}: missing"):
-        run_import_model(hf_cfg(tmp_path, source), tmp_path / "run")
+        import_base_model(hf_cfg(tmp_path, source))
 
 
 def import_done(cfg) -> bool:
@@ -97,7 +97,7 @@ def test_changed_hf_files_at_the_same_path_are_imported_again(tmp_path):
     source = write_hf_dir(tmp_path / "user_model", tiny_cfg(tmp_path))
     cfg, run_dir = hf_cfg(tmp_path, source), tmp_path / "run"
     manifest = run_dir / "models" / "M0.manifest.json"
-    run_import_model(cfg, run_dir)
+    import_base_model(cfg)
     first = json.loads(manifest.read_text())["fingerprint"]
     assert import_done(cfg)  # the plan's fingerprint is the stage's own
     # Same path, same size, new content (a re-download): only its modification time tells.
@@ -105,13 +105,13 @@ def test_changed_hf_files_at_the_same_path_are_imported_again(tmp_path):
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert not import_done(cfg)
-    run_import_model(cfg, run_dir)
+    import_base_model(cfg)
     second = json.loads(manifest.read_text())["fingerprint"]
     assert second != first and import_done(cfg)
     # A truncated file at the same path is checked again, not reused.
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(HFCheckpointError, match="truncated safetensors file"):
-        run_import_model(cfg, run_dir)
+        import_base_model(cfg)
 
 
 def write_gguf(path: Path) -> Path:

@@ -207,3 +207,18 @@ def test_cli_seed_subcommand_builds_the_same_directory(tmp_path, capsys):
     assert main(["seed", "oasst", str(EXPORT), str(tmp_path / "seed")]) == 0
     assert "5 IFT examples (paper 3,200)" in capsys.readouterr().out
     assert {e.messages[0]["content"] for e in load_seed_dir(tmp_path / "seed").ift} == IFT_PROMPTS
+
+
+def test_a_tree_without_ids_names_file_and_line(tmp_path):
+    """A tree with neither message_tree_id nor prompt.message_id cannot be split by id: the
+    error names the file and line (it was a bare ValueError, a traceback from the CLI)."""
+    lines = EXPORT.read_text().splitlines()
+    tree = json.loads(lines[1])
+    tree.pop("message_tree_id", None)
+    tree["prompt"].pop("message_id", None)
+    export = tmp_path / "noids.trees.jsonl"
+    export.write_text("\n".join([lines[0], json.dumps(tree), *lines[2:]]) + "\n")
+    with pytest.raises(JsonlError, match=r"noids\.trees\.jsonl line 2: .*neither message_tree_id nor "
+                                         r"prompt\.message_id"):
+        _prepare(_cfg(tmp_path / "run", f"data.oasst_export={export}"))
+    assert not (tmp_path / "run" / "seed").exists()

@@ -1,11 +1,11 @@
-"""A directory appears whole or not at all (megatron_selfreward/publish.py): one helper for the
+"""A directory appears whole or not at all (megatron_selfreward/megatron/publish.py): one helper for the
 GGUF import, the HF <-> Megatron converters and Megatron checkpoints."""
 
 from __future__ import annotations
 
 import pytest
 
-from megatron_selfreward.publish import staged_directory
+from megatron_selfreward.megatron.publish import staged_directory
 
 
 def _debris(parent) -> list[str]:

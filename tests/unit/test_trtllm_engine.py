@@ -3,7 +3,7 @@
 Two kinds of tests:
 - API tests (fixture `trtllm`): create engines on both backends, generate, and check what comes
   back. Where the real `tensorrt_llm` imports and CUDA is available they run against it (and are
-  marked `gpu`), on a tiny random Llama (head size 64) imported with `run_import_model` and
+  marked `gpu`), on a tiny random Llama (head size 64) imported with `import_base_model` and
   exported to `hf/` by the engine itself; elsewhere against the stand-in (tests/trtllm_standin.py),
   which enforces the argument checks of the real API (each names the upstream function it
   mirrors), so a call the real API would reject fails here as well.
@@ -141,10 +141,10 @@ def _model_dir(api: Api, root: Path) -> Path:
     """A model directory the API tests load: a real tiny Llama for the real module."""
     if not api.real:
         return _hf_model_dir(root)
-    from megatron_selfreward.stages.import_model import run_import_model
+    from megatron_selfreward.pipeline.run import import_base_model
 
     run_dir = root / "run"
-    return run_import_model(_cfg(f"pipeline.run_dir={run_dir}", *api.overrides), run_dir)
+    return import_base_model(_cfg(f"pipeline.run_dir={run_dir}", *api.overrides))
 
 
 def _api_engine(api: Api, model_dir: Path, *overrides: str, **kwargs: Any):
@@ -241,7 +241,7 @@ def test_the_pytorch_llm_refuses_tensorrt_only_arguments(trtllm, tmp_path):
 
     model_dir = _model_dir(trtllm, tmp_path)
     if trtllm.real:
-        from megatron_selfreward.convert.trtllm_export import prepare_model_dir
+        from megatron_selfreward.generation.trtllm_build import prepare_model_dir
 
         prepare_model_dir(_cfg(*trtllm.overrides), model_dir)
     with pytest.raises(ValueError, match=None if trtllm.real else "specific to TensorRT backend"):
@@ -477,7 +477,7 @@ def test_load_weights_switches_to_the_next_model(standin, tmp_path):
 
 
 def test_tensorrt_engine_is_built_once_and_reused_while_it_matches(standin, tmp_path):
-    from megatron_selfreward.convert.trtllm_export import ENGINE_STAMP_FILE
+    from megatron_selfreward.generation.trtllm_build import ENGINE_STAMP_FILE
 
     model_dir = _hf_model_dir(tmp_path)
     first = _engine(tmp_path, TRT, "parallel.tensor_model_parallel_size=2")
@@ -511,7 +511,7 @@ def test_tensorrt_engine_is_built_once_and_reused_while_it_matches(standin, tmp_
 
 
 def test_an_interrupted_build_is_redone(standin, tmp_path):
-    from megatron_selfreward.convert.trtllm_export import ENGINE_STAMP_FILE
+    from megatron_selfreward.generation.trtllm_build import ENGINE_STAMP_FILE
 
     model_dir = _hf_model_dir(tmp_path)
     _engine(tmp_path, TRT)
@@ -522,13 +522,13 @@ def test_an_interrupted_build_is_redone(standin, tmp_path):
 
 def test_policy_exports_hf_from_megatron_and_never_builds_the_model(standin, tmp_path, monkeypatch):
     import megatron_selfreward.megatron.model as model_module
-    from megatron_selfreward.convert.trtllm_export import EXPORT_STAMP_FILE
+    from megatron_selfreward.generation.trtllm_build import EXPORT_STAMP_FILE
     from megatron_selfreward.generation.trtllm_engine import TRTLLMEngine
     from megatron_selfreward.policy import load_policy
-    from megatron_selfreward.stages.import_model import run_import_model
+    from megatron_selfreward.pipeline.run import import_base_model
 
     run_dir = tmp_path / "run"
-    m0 = run_import_model(load_config(CONFIGS / "tiny.yaml", [f"pipeline.run_dir={run_dir}"]), run_dir)
+    m0 = import_base_model(load_config(CONFIGS / "tiny.yaml", [f"pipeline.run_dir={run_dir}"]))
     assert (m0 / "megatron").is_dir() and not (m0 / "hf").exists()
 
     real_build = model_module.build_model
@@ -559,7 +559,7 @@ def test_policy_exports_hf_from_megatron_and_never_builds_the_model(standin, tmp
 
 
 def test_a_foreign_hf_dir_beside_megatron_is_not_overwritten(tmp_path):
-    from megatron_selfreward.convert.trtllm_export import prepare_model_dir
+    from megatron_selfreward.generation.trtllm_build import prepare_model_dir
 
     model_dir = tmp_path / "M3"
     (model_dir / "megatron").mkdir(parents=True)
@@ -572,7 +572,7 @@ def test_a_foreign_hf_dir_beside_megatron_is_not_overwritten(tmp_path):
 
 
 def test_build_spec_default_is_unchanged_for_standalone_exports():
-    from megatron_selfreward.convert.trtllm_export import build_spec
+    from megatron_selfreward.generation.trtllm_build import build_spec
 
     cfg = _cfg("generation.max_new_tokens=64", "judge.max_new_tokens=96", "model.max_seq_len=256")
     assert build_spec(cfg, "h", "e").max_input_len == 256 - 96
@@ -584,7 +584,7 @@ def test_build_spec_default_is_unchanged_for_standalone_exports():
 
 
 def test_build_tool_model_dir_mode(standin, tmp_path, capsys):
-    from megatron_selfreward.convert.trtllm_export import main
+    from megatron_selfreward.generation.trtllm_build import main
 
     model_dir = _hf_model_dir(tmp_path)
     args = ["--config", str(CONFIGS / "tiny.yaml"), "--model-dir", str(model_dir), "generation.engine=trtllm"]

@@ -109,11 +109,13 @@ def export_for_trtllm(
     """Megatron checkpoint -> bf16 HF directory + `trtllm_build.json` describing the build."""
     from megatron_selfreward.convert.hf_megatron import convert_megatron_to_hf
     from megatron_selfreward.io import atomic_write_json
+    from megatron_selfreward.megatron.parallel import single_process_world
 
     spec = build_spec(cfg, hf_dir, engine_dir)
     ckpt = Path(ckpt_dir)
     model_cfg = None if (ckpt / "model_config.yaml").is_file() else cfg.model
-    convert_megatron_to_hf(ckpt, hf_dir, dtype=TRTLLM_DTYPE, model_cfg=model_cfg, overwrite=overwrite)
+    with single_process_world():  # the converter's world (reused if the caller has one)
+        convert_megatron_to_hf(ckpt, hf_dir, dtype=TRTLLM_DTYPE, model_cfg=model_cfg, overwrite=overwrite)
     atomic_write_json(Path(hf_dir) / BUILD_SPEC_FILE, dataclasses.asdict(spec))
     return spec
 
@@ -203,6 +205,7 @@ def _export_hf(cfg: Config, model_dir: Path, source: str) -> Path:
     `megatron/` (bf16, stamped with `source`) when they live there; reused while the stamp matches."""
     from megatron_selfreward.convert.hf_megatron import convert_megatron_to_hf
     from megatron_selfreward.io import atomic_write_json
+    from megatron_selfreward.megatron.parallel import single_process_world
 
     hf_dir, ckpt = model_dir / "hf", model_dir / "megatron"
     if not (ckpt / "metadata.json").is_file():
@@ -219,8 +222,9 @@ def _export_hf(cfg: Config, model_dir: Path, source: str) -> Path:
             "megatron/, so move hf/ away and the TensorRT-LLM engine will export it again")
     model_cfg = None if (ckpt / "model_config.yaml").is_file() else cfg.model
     tokenizer = model_dir / "tokenizer"
-    convert_megatron_to_hf(ckpt, hf_dir, dtype=TRTLLM_DTYPE, model_cfg=model_cfg,
-                           tokenizer_dir=tokenizer if tokenizer.is_dir() else None, overwrite=True)
+    with single_process_world():  # the converter's world (reused if the caller has one)
+        convert_megatron_to_hf(ckpt, hf_dir, dtype=TRTLLM_DTYPE, model_cfg=model_cfg,
+                               tokenizer_dir=tokenizer if tokenizer.is_dir() else None, overwrite=True)
     atomic_write_json(hf_dir / EXPORT_STAMP_FILE, {"source": source, "from": "megatron"})
     return hf_dir
 

@@ -1,0 +1,96 @@
+"""The plan decides where a stage writes, and the stage and the executor agree with it.
+
+A stage run through the executor (`run_stage`) with an output renamed in its `StageSpec` writes
+there, counts as done there (`stage_done`), and writes nothing at the old path. Every stage name
+of the registry has an adapter and a cost, and every plan of every preset names only registered
+stages. Seconds: no model is built (the import links a Hugging Face directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_selfreward.config import load_config
+from megatron_selfreward.pipeline.local import StageContext, run_stage, stage_done
+from megatron_selfreward.pipeline.plan import find_stage, plan
+from megatron_selfreward.pipeline.registry import STAGE_KINDS, STAGE_NAMES, adapter_for
+from tests.conftest import CONFIGS
+
+
+def _tiny(run_dir: Path, *overrides: str):
+    return load_config(CONFIGS / "tiny.yaml", [f"pipeline.run_dir={run_dir}", *overrides])
+
+
+def _moved(spec, rename):
+    """`spec` with each output at `rename(path)`."""
+    return dataclasses.replace(spec, outputs={k: rename(p) for k, p in spec.outputs.items()})
+
+
+def _run(cfg, spec) -> None:
+    assert run_stage(cfg, spec, StageContext(cfg, lambda line: None))
+
+
+def test_prepare_seed_writes_where_its_spec_says(tmp_path):
+    cfg = _tiny(tmp_path / "run")
+    planned = find_stage(plan(cfg), "prepare_seed", 0)
+    moved = _moved(planned, lambda p: p.parent.parent / "seed_elsewhere" / f"x_{p.name}")
+    _run(cfg, moved)
+    assert all(p.is_file() for p in moved.outputs.values())
+    assert stage_done(moved) and not run_stage(cfg, moved, StageContext(cfg, lambda line: None))
+    assert not any(p.exists() for p in planned.outputs.values()) and not stage_done(planned)
+    assert not (tmp_path / "run" / "seed").exists()
+
+
+def _hf_dir(directory: Path, cfg) -> Path:
+    """A Hugging Face directory of the tiny preset's shapes (zeros), for an import that links."""
+    import torch
+    from safetensors.torch import save_file
+
+    from megatron_selfreward.convert.llama_map import hf_config_from_model, hf_tensor_shapes
+
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(hf_config_from_model(cfg)))
+    save_file({name: torch.zeros(shape) for name, shape in hf_tensor_shapes(cfg).items()},
+              directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def test_import_model_writes_where_its_spec_says(tmp_path):
+    source = _hf_dir(tmp_path / "user_model", _tiny(tmp_path))
+    cfg = _tiny(tmp_path / "run", "model.source=hf", f"model.path={source}")
+    planned = find_stage(plan(cfg), "import_model", 0)
+    moved = _moved(planned, lambda p: p.parent / "base_elsewhere")
+    _run(cfg, moved)
+    assert (moved.output / "hf" / "config.json").is_file() and stage_done(moved)
+    manifest = json.loads((moved.output.parent / "base_elsewhere.manifest.json").read_text())
+    assert manifest["stage"] == "import_model"
+    assert not planned.output.exists() and not stage_done(planned)
+
+
+def test_every_registered_stage_has_an_adapter_and_a_cost():
+    assert len(STAGE_NAMES) == len(set(STAGE_NAMES)) == 12
+    for name in STAGE_NAMES:
+        assert callable(adapter_for(name)), name
+        assert STAGE_KINDS[name].cost > 0, name
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+@pytest.mark.parametrize("eft_judge", ["base", "sft_baseline"])
+def test_every_planned_stage_is_registered(tmp_path, preset, eft_judge):
+    # A random model: the plan then needs no model file (the presets name the user's).
+    cfg = load_config(CONFIGS / preset, [f"pipeline.run_dir={tmp_path}", "model.source=random",
+                                         f"data.eft_judge={eft_judge}", "pipeline.iterations=2"])
+    names = {spec.name for spec in plan(cfg)}
+    assert names <= set(STAGE_NAMES)
+    assert ("train_sft_baseline" in names) == (eft_judge == "sft_baseline")
+
+
+def test_a_spec_must_name_a_registered_stage():
+    from megatron_selfreward.pipeline.plan import StageSpec
+
+    with pytest.raises(ValueError, match="not a stage of pipeline/registry.py"):
+        StageSpec("train_everything", 0, {}, {})
