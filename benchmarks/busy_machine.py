@@ -52,7 +52,7 @@ def _selfreward(overrides: list[str], *args: str, env: dict | None = None) -> fl
 
 def _plan(overrides: list[str]):
     from megatron_selfreward.config import load_config
-    from megatron_selfreward.pipeline.plan import plan
+    from megatron_selfreward.pipeline.schedule import plan
 
     cfg = load_config(REPO / "configs" / f"{PRESET}.yaml", overrides)
     return cfg, plan(cfg)
@@ -71,7 +71,7 @@ def prepare(overrides: list[str]) -> None:
 
 
 def _clear_judge_stage(overrides: list[str]) -> None:
-    from megatron_selfreward.pipeline.plan import find_stage
+    from megatron_selfreward.pipeline.schedule import find_stage
     from megatron_selfreward.stages.manifest import manifest_path
     from megatron_selfreward.stages.shards import clear_shards
 

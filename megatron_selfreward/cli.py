@@ -232,7 +232,7 @@ def _train_init_dir(cfg, args: argparse.Namespace) -> Path | None:
 def _nonempty(records: list, path: str, kind: str) -> list:
     """Refuse an empty --data file before a model is built for it."""
     if not records:
-        from megatron_selfreward.stages.errors import StageError
+        from megatron_selfreward.errors import StageError
 
         raise StageError(f"{path}: empty, no {kind} records to train on")
     return records
@@ -275,7 +275,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.data:
             raise FileNotFoundError(
                 "selfreward train dpo needs --data PATH (a pairs.jsonl of PreferencePair records)")
-        from megatron_selfreward.data.dpo_data import read_pairs
+        from megatron_selfreward.data.dpo_batches import read_pairs
 
         pairs = _nonempty(read_pairs(args.data), args.data, "PreferencePair")
         summary = run_dpo(cfg, pairs, _train_init_dir(cfg, args), out, source=args.data)
@@ -440,7 +440,7 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from megatron_selfreward.data.seed import SeedError
     from megatron_selfreward.io import JsonlError
     from megatron_selfreward.records import RecordError
-    from megatron_selfreward.stages.errors import StageError
+    from megatron_selfreward.errors import StageError
 
     return (StageError, SeedError, JsonlError, RecordError, GGUFImportError, HFCheckpointError,
             ConversionError, UnsupportedModelError)

@@ -285,7 +285,7 @@ def collect_cpu() -> Facts:
 
 def collect_assets(cfg: Any) -> Facts:
     """Whether the files the config names exist: the base model, a seed directory, an export."""
-    from megatron_selfreward.stages.import_model import resolve_model_path
+    from megatron_selfreward.assets import resolve_model_path
 
     items = []
     if cfg.model.source != "random":

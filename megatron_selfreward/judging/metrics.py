@@ -36,7 +36,7 @@ import math
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
-from megatron_selfreward.judging.pairs import NoPairReason, select_pair_indices
+from megatron_selfreward.judging.preference_pairs import NoPairReason, select_pair_indices
 from megatron_selfreward.records import Judgement
 
 __all__ = [

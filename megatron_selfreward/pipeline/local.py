@@ -33,10 +33,10 @@ import torch
 from megatron_selfreward.config import Config, save_resolved
 from megatron_selfreward.io import atomic_write_json
 from megatron_selfreward.megatron.parallel import read_dist_env
-from megatron_selfreward.pipeline.plan import StageSpec, model_dir, spec_fingerprint
+from megatron_selfreward.pipeline.schedule import StageSpec, model_dir, spec_fingerprint
 from megatron_selfreward.pipeline.registry import STAGE_KINDS, adapter, adapter_for, stage_cost
 from megatron_selfreward.precision import describe
-from megatron_selfreward.stages.errors import StageError
+from megatron_selfreward.errors import StageError
 from megatron_selfreward.stages.manifest import is_done, manifest_path, write_manifest
 from megatron_selfreward.threads import threads_choice
 
@@ -117,7 +117,7 @@ def _world_size() -> int:
 
 def _torchrun(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     """Run a stage as `selfreward stage` under torchrun; it writes its own manifest."""
-    from megatron_selfreward.stages.train import prepare_out_dir
+    from megatron_selfreward.stages.finetune import prepare_out_dir
 
     if spec.distributed:
         prepare_out_dir(spec.output, spec_fingerprint(spec))  # here, once, not racing in each rank
@@ -137,7 +137,7 @@ def _launched(cfg: Config) -> bool:
 
 @adapter("train_sft_baseline", "train_sft")
 def _train_sft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any] | None:
-    from megatron_selfreward.stages.train import run_train_sft
+    from megatron_selfreward.stages.finetune import run_train_sft
 
     ctx.models.release()
     if _launched(cfg):
@@ -204,12 +204,12 @@ def _build_pairs(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
     from megatron_selfreward.stages.respond import run_build_pairs
 
     i = spec.inputs
-    run_build_pairs(i["prompts"], i["responses"], i["judgements"], spec.output)
+    run_build_pairs(i["prompts"], i["responses"], i["judgements"], spec.output, spec_fingerprint(spec))
 
 
 @adapter("train_dpo")
 def _train_dpo(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any] | None:
-    from megatron_selfreward.stages.train import run_train_dpo
+    from megatron_selfreward.stages.finetune import run_train_dpo
 
     ctx.models.release()
     if _launched(cfg):

@@ -1,6 +1,6 @@
 """The config values each stage's output depends on: the `params` of its `StageSpec`.
 
-A stage's fingerprint (`plan.spec_fingerprint`) is the content of its inputs plus these values;
+A stage's fingerprint (`schedule.spec_fingerprint`) is the content of its inputs plus these values;
 a change to any of them reruns the stage. They live beside the plan, not in the stages: the plan
 decides when a stage is done, and a stage that writes its own manifest gets the fingerprint from
 its spec (the executor passes it in).
@@ -21,7 +21,7 @@ def import_params(cfg: Config) -> tuple[Path | None, dict[str, Path], dict[str, 
     content); a source directory counts by its file listing, not by hashing gigabytes of weights,
     so a file changed at the same path is imported again, not silently reused."""
     # The user's model path as the import stage checks it (`model.path`, builtin:smollm2).
-    from megatron_selfreward.stages.import_model import resolve_model_path
+    from megatron_selfreward.assets import resolve_model_path
 
     m = cfg.model
     source = resolve_model_path(m.path) if m.source != "random" else None

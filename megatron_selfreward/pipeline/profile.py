@@ -106,7 +106,7 @@ def profile_stage(cfg: Config, name: str, iteration: int, out: Path | None = Non
     from torch.profiler import ProfilerActivity, profile
 
     from megatron_selfreward.pipeline.local import stage_done
-    from megatron_selfreward.pipeline.plan import find_stage, plan
+    from megatron_selfreward.pipeline.schedule import find_stage, plan
     from megatron_selfreward.pipeline.run import run_one
 
     run_dir = Path(cfg.pipeline.run_dir)

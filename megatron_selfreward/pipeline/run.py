@@ -1,6 +1,6 @@
 """`selfreward run` and `selfreward stage`: the self-rewarding loop on this machine.
 
-`run` plans the whole schedule from the config (`pipeline/plan.py`) and hands it to the local
+`run` plans the whole schedule from the config (`pipeline/schedule.py`) and hands it to the local
 executor (`pipeline/local.py`): seed -> M0 -> EFT -> SFT (M1) -> for each iteration prompts ->
 responses -> judgements -> pairs -> DPO (M_{t+1}) -> evaluation; finished stages are skipped.
 `run_one` runs a single stage of the same plan by name, as a Slurm job would; `import_base_model`
@@ -15,7 +15,7 @@ from typing import Any
 
 from megatron_selfreward.config import Config, save_resolved
 from megatron_selfreward.pipeline.local import StageContext, run_local, run_stage, stage_done
-from megatron_selfreward.pipeline.plan import find_stage, iter_dir, plan
+from megatron_selfreward.pipeline.schedule import find_stage, iter_dir, plan
 from megatron_selfreward.stages.manifest import manifest_path
 from megatron_selfreward.threads import configure as configure_threads
 
@@ -50,7 +50,7 @@ def run_one(cfg: Config, name: str, iteration: int, log: Any = print, array: boo
     `gather_only`: assemble what the array wrote), and any other stage runs on rank 0 alone.
     """
     from megatron_selfreward.megatron.parallel import read_dist_env, single_process_world
-    from megatron_selfreward.pipeline.workers import SHARDED_STAGES
+    from megatron_selfreward.pipeline.registry import SHARDED_STAGES
 
     configure_threads(cfg.executor.cpu_threads)
     stages = plan(cfg)
@@ -119,8 +119,8 @@ def _run_distributed(cfg: Config, spec: Any, ctx: StageContext) -> None:
     """A training stage in the launcher's world; rank 0 readies the output directory first."""
     import torch.distributed as dist
 
-    from megatron_selfreward.pipeline.plan import spec_fingerprint
-    from megatron_selfreward.stages.train import prepare_out_dir
+    from megatron_selfreward.pipeline.schedule import spec_fingerprint
+    from megatron_selfreward.stages.finetune import prepare_out_dir
     from megatron_selfreward.train.loop import training_world
 
     with training_world(cfg):

@@ -34,7 +34,6 @@ from megatron_selfreward.config import Config, ConfigError, generation_tp
 from megatron_selfreward.policy import generation_config
 from megatron_selfreward.stages.shards import GATHER_ONLY, SINGLE, Workers
 
-SHARDED_STAGES = frozenset({"sample_responses", "judge_responses"})
 # A barrier waits for the slowest worker's last shard: allow long shards on big models.
 BARRIER_TIMEOUT = datetime.timedelta(hours=12)
 

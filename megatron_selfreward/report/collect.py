@@ -4,7 +4,7 @@ A run may be finished, interrupted, or still going; every reader here skips a mi
 unreadable file and says so in `RunData.missing` instead of raising, so a report can always be
 written and tells the reader what it could not show.
 
-Where things live (`pipeline/plan.py`): `iter<t>/{prompts,responses,judgements,pairs}.jsonl`,
+Where things live (`pipeline/schedule.py`): `iter<t>/{prompts,responses,judgements,pairs}.jsonl`,
 `eval/M<t>/metrics.json`, training `metrics.jsonl` in the model directory it trained
 (`models/M<k>/`; older layouts: `train/<stage>/`, `train_<task>/`), and a `*.manifest.json`
 next to every stage output (wall time, counts, engine statistics).

@@ -35,7 +35,7 @@ from megatron_selfreward.generation.engine import GenerationRequest, SamplingPar
 from megatron_selfreward.io import atomic_write_json, iter_records, read_records, write_jsonl
 from megatron_selfreward.judging.metrics import judge_health, reward_model_metrics
 from megatron_selfreward.judging.openai_client import JudgeEndpointError, OpenAICompatibleClient
-from megatron_selfreward.judging.pairwise import (
+from megatron_selfreward.judging.head_to_head import (
     PairwiseVerdict,
     combine_both_orders,
     parse_pairwise_verdict,
@@ -83,7 +83,7 @@ JudgeOutputs = dict[str, tuple[str | None, str | None]]
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One evaluation as the plan names it (`pipeline/plan.py::_evaluate_spec`): the executor
+    """One evaluation as the plan names it (`pipeline/schedule.py::_evaluate_spec`): the executor
     builds it from the spec, this module decides no path of its own."""
     iteration: int  # the index t of M_t
     model: Path

@@ -26,17 +26,6 @@ from megatron_selfreward.convert.llama_map import check_same_architecture
 from megatron_selfreward.stages.manifest import is_done, write_manifest
 
 
-def resolve_model_path(path: str) -> Path:
-    if path == "builtin:smollm2":
-        from megatron_selfreward.assets import smollm2_gguf_path
-
-        return smollm2_gguf_path()
-    resolved = Path(path).expanduser()
-    if not resolved.exists():
-        raise ConfigError(f"config key 'model.path': {resolved} does not exist")
-    return resolved
-
-
 def _link(target: Path, link: Path) -> None:
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():

@@ -29,7 +29,7 @@ from megatron_selfreward.io import (
     read_records,
     write_jsonl,
 )
-from megatron_selfreward.judging.pairs import (
+from megatron_selfreward.judging.preference_pairs import (
     NoPairReason,
     preference_pair,
     scores_in_response_order,
@@ -38,7 +38,7 @@ from megatron_selfreward.judging.pairs import (
 from megatron_selfreward.judging.parse import judgement_from_outputs, parse_score
 from megatron_selfreward.judging.prompt import load_template, render_judge_prompt
 from megatron_selfreward.records import Judgement, PreferencePair, Prompt, Response
-from megatron_selfreward.stages.manifest import fingerprint, is_done, manifest_path, write_manifest
+from megatron_selfreward.stages.manifest import is_done, manifest_path, write_manifest
 from megatron_selfreward.stages.shards import SINGLE, Workers, clear_shards, run_sharded, worker_stats
 from megatron_selfreward.tokenizer import Tokenizer, render_chat
 
@@ -286,7 +286,7 @@ def run_judge_responses(cfg: Config, engine: Any, tokenizer: Tokenizer, prompts_
 
 def _streamed_pairs(prompts: Sequence[Prompt], responses_path: Path, judgements_path: Path,
                     dropped: Counter) -> Iterator[PreferencePair]:
-    """`judging/pairs.py`'s pair for each prompt, in prompt order, in memory that grows with the
+    """`judging/preference_pairs.py`'s pair for each prompt, in prompt order, in memory that grows with the
     number of responses but not with their texts: one pass over the responses keeps their ids and
     where each line is, one over the judgements keeps the mean scores, and only the chosen and
     rejected responses are read back (in file order when responses come in prompt order)."""
@@ -316,9 +316,8 @@ def _streamed_pairs(prompts: Sequence[Prompt], responses_path: Path, judgements_
 
 
 def run_build_pairs(prompts_path: Path, responses_path: Path, judgements_path: Path,
-                    out: Path) -> Records[PreferencePair]:
-    fp = fingerprint({"prompts": prompts_path, "responses": responses_path,
-                      "judgements": judgements_path}, {})
+                    out: Path, fp: dict[str, Any]) -> Records[PreferencePair]:
+    """Best-vs-worst pairs of one iteration into `out`; `fp`: the stage's fingerprint (its spec's)."""
     if is_done(out, fp):
         return Records(out, PreferencePair)
     started = time.time()

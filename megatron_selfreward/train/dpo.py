@@ -22,8 +22,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from megatron_selfreward.config import Config
-from megatron_selfreward.data.dpo_data import TokenizedPair, dpo_micro_batches, pair_batch, prepare_dpo
-from megatron_selfreward.data.sft_data import round_up
+from megatron_selfreward.data.dpo_batches import TokenizedPair, dpo_micro_batches, pair_batch, prepare_dpo
+from megatron_selfreward.data.sft_batches import round_up
 from megatron_selfreward.losses.dpo import (
     STAT_NAMES,
     PairLoss,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from megatron_selfreward.config import Config, OptimConfig
-from megatron_selfreward.data.sft_data import LengthStats
+from megatron_selfreward.data.sft_batches import LengthStats
 from megatron_selfreward.megatron.parallel import process_rank as rank
 from megatron_selfreward.train.sampler import GlobalBatchSampler, total_steps_for
 
@@ -295,7 +295,7 @@ def run_stage(
     `source`: where the records came from, named when none of them is left to train on;
     `data`: `records` already prepared (`prepare_data`), so they are not tokenised again.
     """
-    from megatron_selfreward.data.sft_data import check_not_empty
+    from megatron_selfreward.data.sft_batches import check_not_empty
     from megatron_selfreward.megatron.training import build_train_state
 
     out = Path(out_dir)

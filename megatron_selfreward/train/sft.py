@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from megatron_selfreward.config import Config
-from megatron_selfreward.data.sft_data import TokenizedSample, prepare_sft, sft_micro_batches
+from megatron_selfreward.data.sft_batches import TokenizedSample, prepare_sft, sft_micro_batches
 from megatron_selfreward.records import SFTExample
 from megatron_selfreward.train import loop
 

@@ -123,7 +123,7 @@ def _one_process_records(run_dir: Path, dest: Path) -> dict[str, list]:
     code = (
         "from megatron_selfreward.config import load_config\n"
         "from megatron_selfreward.pipeline.local import run_local\n"
-        "from megatron_selfreward.pipeline.plan import find_stage, plan\n"
+        "from megatron_selfreward.pipeline.schedule import find_stage, plan\n"
         f"cfg = load_config({str(dest / 'config.yaml')!r}, ['pipeline.run_dir={dest}', 'executor.kind=local'])\n"
         "names = ('generate_prompts', 'sample_responses', 'judge_responses', 'build_pairs')\n"
         "specs = [find_stage(plan(cfg), name, 1) for name in names]\n"

@@ -109,7 +109,7 @@ def trl_comparison(tmp_path_factory):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from megatron_selfreward.convert.llama_map import canonical_names, megatron_to_hf
-    from megatron_selfreward.data.dpo_data import pair_batch, prepare_dpo
+    from megatron_selfreward.data.dpo_batches import pair_batch, prepare_dpo
     from megatron_selfreward.megatron.model import build_model
     from megatron_selfreward.megatron.parallel import single_process_world
     from megatron_selfreward.tokenizer import ByteTokenizer

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pytest
 
 from megatron_selfreward.judging.openai_client import JudgeEndpointError, OpenAICompatibleClient
-from megatron_selfreward.judging.pairwise import (
+from megatron_selfreward.judging.head_to_head import (
     PairwiseVerdict,
     combine_both_orders,
     load_pairwise_template,
@@ -248,7 +248,7 @@ def _run_evaluate(cfg, index: int = 2) -> Path:
     world the way the executor provides one."""
     from megatron_selfreward.megatron.parallel import single_process_world
     from megatron_selfreward.pipeline.local import ModelCache, evaluation_of
-    from megatron_selfreward.pipeline.plan import find_stage, plan
+    from megatron_selfreward.pipeline.schedule import find_stage, plan
     from megatron_selfreward.stages.evaluate import run_evaluate
 
     evaluation, fp = evaluation_of(cfg, find_stage(plan(cfg), "evaluate", index))

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from megatron_selfreward.config import load_config
-from megatron_selfreward.data.dpo_data import prepare_dpo
-from megatron_selfreward.data.sft_data import prepare_sft
+from megatron_selfreward.data.dpo_batches import prepare_dpo
+from megatron_selfreward.data.sft_batches import prepare_sft
 from megatron_selfreward.records import SFTExample
 from megatron_selfreward.tokenizer import ByteTokenizer
 from tests.conftest import CONFIGS

@@ -22,7 +22,7 @@ from megatron_selfreward.config import load_config
 from megatron_selfreward.convert.gguf import GGUFImportError, check_gguf_file, import_gguf
 from megatron_selfreward.convert.hf_checkpoint import HFCheckpointError
 from megatron_selfreward.pipeline.local import stage_done
-from megatron_selfreward.pipeline.plan import find_stage, plan
+from megatron_selfreward.pipeline.schedule import find_stage, plan
 from megatron_selfreward.pipeline.run import import_base_model
 from tests.conftest import CONFIGS
 
@@ -227,7 +227,7 @@ def long_example(chars: int = 6321) -> dict:
 
 
 def test_over_long_examples_are_dropped_counted_and_logged():
-    from megatron_selfreward.data.sft_data import prepare_sft
+    from megatron_selfreward.data.sft_batches import prepare_sft
     from megatron_selfreward.records import SFTExample
     from megatron_selfreward.tokenizer import ByteTokenizer
 

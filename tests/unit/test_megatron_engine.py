@@ -646,3 +646,20 @@ def test_auto_batch_size_from_memory_and_config_validation(tiny, monkeypatch) ->
     assert load_config(CONFIGS / "tiny.yaml", ["generation.batch_size=0"]).generation.batch_size == 0
     with pytest.raises(Exception, match="generation.batch_size"):
         load_config(CONFIGS / "tiny.yaml", ["generation.batch_size=-1"])
+
+
+def test_cpu_decode_drops_finished_rows_early_and_keeps_outputs(tiny) -> None:
+    """On a CPU each row costs its share of the decode GEMMs: two rows done out of 32 are dropped
+    from the running batch at once (the 1/4 rule kept them until 8 were done), and every row's
+    tokens stay those of a batch of its own."""
+    cfg, model = tiny
+    prompts = prompts_with_shared_head([3 + i % 5 for i in range(32)], head=4, seed=21)
+    requests = [GenerationRequest(f"r{i}", p, greedy(2 if i < 2 else 9)) for i, p in enumerate(prompts)]
+    engine = MegatronEngine(model, cfg, max_batch_size=32, continuous=True)
+    results = engine.generate(requests)
+    # Rows 0-1 draw 2 tokens (1 decode step each), the 30 others 9 (8 decode steps): dropped
+    # after step 1 the short rows cost 2 row-steps, kept they would cost 16.
+    assert engine.stats["decode_row_steps"] == 2 * 1 + 30 * 8
+    alone = MegatronEngine(model, cfg, max_batch_size=1)
+    for request, result in zip(requests[:3], results[:3]):
+        assert result.samples[0].token_ids == alone.generate([request])[0].samples[0].token_ids

@@ -22,7 +22,7 @@ from megatron_selfreward.data import oasst
 from megatron_selfreward.data.seed import SeedError, load_builtin_seed, load_seed_dir, normalize_instruction
 from megatron_selfreward.io import JsonlError, read_jsonl, read_records
 from megatron_selfreward.pipeline.local import StageContext, run_stage, stage_done
-from megatron_selfreward.pipeline.plan import find_stage, plan, spec_fingerprint
+from megatron_selfreward.pipeline.schedule import find_stage, plan, spec_fingerprint
 from megatron_selfreward.records import RankedPrompt, SFTExample
 from tests.conftest import CONFIGS, REPO
 

@@ -18,7 +18,7 @@ from megatron_selfreward.judging.metrics import (
     spearman,
 )
 from megatron_selfreward.io import Records, write_jsonl
-from megatron_selfreward.judging.pairs import NoPairReason, build_pair, select_pair_indices
+from megatron_selfreward.judging.preference_pairs import NoPairReason, build_pair, select_pair_indices
 from megatron_selfreward.judging.parse import judgement_from_outputs
 from megatron_selfreward.records import Judgement, PreferencePair, Prompt, Response
 from megatron_selfreward.stages.respond import run_build_pairs
@@ -122,12 +122,15 @@ def _iteration_files(tmp_path, suffix: str = ""):
     return paths, prompts, responses, judgements
 
 
+STAGE_FP = {"inputs": {}, "params": {"test": "build_pairs"}}  # the executor passes its spec's
+
+
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_build_pairs_stage_streams_the_pairs_build_pair_gives(tmp_path, suffix):
     paths, prompts, responses, judgements = _iteration_files(tmp_path, suffix)
     prompts_path, responses_path, judgements_path = paths
     out = tmp_path / "pairs.jsonl"
-    got = run_build_pairs(prompts_path, responses_path, judgements_path, out)
+    got = run_build_pairs(prompts_path, responses_path, judgements_path, out, STAGE_FP)
     # The reference: every record in memory, grouped by prompt, build_pair per prompt.
     want, dropped = [], {}
     for p in prompts:
@@ -154,7 +157,7 @@ def test_build_pairs_stage_refuses_responses_without_judgements(tmp_path):
     lost = judgements[0]
     write_jsonl(judgements_path, [j for j in judgements if j is not lost])
     with pytest.raises(ValueError, match=f"response {lost.response_id!r} has no judgement"):
-        run_build_pairs(prompts_path, responses_path, judgements_path, tmp_path / "pairs.jsonl")
+        run_build_pairs(prompts_path, responses_path, judgements_path, tmp_path / "pairs.jsonl", STAGE_FP)
     assert not (tmp_path / "pairs.jsonl").exists() and not (tmp_path / "pairs.manifest.json").exists()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from megatron_selfreward.config import ConfigError, load_config
-from megatron_selfreward.pipeline.plan import STAGE_NAMES, find_stage, plan, spec_fingerprint
+from megatron_selfreward.pipeline.schedule import STAGE_NAMES, find_stage, plan, spec_fingerprint
 from tests.conftest import CONFIGS
 
 

@@ -16,8 +16,8 @@ import pytest
 
 from megatron_selfreward.config import load_config
 from megatron_selfreward.pipeline.local import StageContext, run_stage, stage_done
-from megatron_selfreward.pipeline.plan import find_stage, plan
 from megatron_selfreward.pipeline.registry import STAGE_KINDS, STAGE_NAMES, adapter_for
+from megatron_selfreward.pipeline.schedule import find_stage, plan, spec_fingerprint
 from tests.conftest import CONFIGS
 
 
@@ -71,6 +71,21 @@ def test_import_model_writes_where_its_spec_says(tmp_path):
     assert not planned.output.exists() and not stage_done(planned)
 
 
+def test_build_pairs_writes_where_its_spec_says_with_its_specs_fingerprint(tmp_path):
+    from tests.unit.test_pairs_metrics import _iteration_files
+
+    cfg = _tiny(tmp_path / "run")
+    planned = find_stage(plan(cfg), "build_pairs", 1)
+    (prompts, responses, judgements), *_ = _iteration_files(planned.output.parent.parent / "iter1")
+    assert {"prompts": prompts, "responses": responses, "judgements": judgements} == planned.inputs
+    moved = _moved(planned, lambda p: p.with_name("pairs_elsewhere.jsonl"))
+    _run(cfg, moved)
+    manifest = json.loads(moved.output.with_name("pairs_elsewhere.manifest.json").read_text())
+    assert manifest["stage"] == "build_pairs" and manifest["counts"]["pairs"] > 10
+    assert manifest["fingerprint"] == json.loads(json.dumps(spec_fingerprint(moved), default=str))
+    assert stage_done(moved) and not planned.output.exists() and not stage_done(planned)
+
+
 def test_every_registered_stage_has_an_adapter_and_a_cost():
     assert len(STAGE_NAMES) == len(set(STAGE_NAMES)) == 12
     for name in STAGE_NAMES:
@@ -90,7 +105,7 @@ def test_every_planned_stage_is_registered(tmp_path, preset, eft_judge):
 
 
 def test_a_spec_must_name_a_registered_stage():
-    from megatron_selfreward.pipeline.plan import StageSpec
+    from megatron_selfreward.pipeline.schedule import StageSpec
 
     with pytest.raises(ValueError, match="not a stage of pipeline/registry.py"):
         StageSpec("train_everything", 0, {}, {})

@@ -10,7 +10,7 @@ import torch
 
 from megatron_selfreward import precision
 from megatron_selfreward.config import load_config, save_resolved
-from megatron_selfreward.pipeline.plan import plan
+from megatron_selfreward.pipeline.schedule import plan
 from megatron_selfreward.precision import CpuInfo, choose_params_dtype, read_cpu_info
 from tests.conftest import CONFIGS
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_selfreward.config import load_config
-from megatron_selfreward.data.dpo_data import prepare_dpo
-from megatron_selfreward.data.sft_data import (
+from megatron_selfreward.data.dpo_batches import prepare_dpo
+from megatron_selfreward.data.sft_batches import (
     TokenizedSample,
     pack_rows,
     packed_batch,

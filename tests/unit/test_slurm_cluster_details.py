@@ -15,7 +15,7 @@ import pytest
 
 from megatron_selfreward.config import ConfigError, load_config
 from megatron_selfreward.hostlist import HostlistError, expand_nodelist, parse_hostlist
-from megatron_selfreward.pipeline.plan import find_stage, plan
+from megatron_selfreward.pipeline.schedule import find_stage, plan
 from megatron_selfreward.pipeline.slurm import (
     PYTHON_LAUNCHER_TEXT,
     choose_mpi,
@@ -23,7 +23,7 @@ from megatron_selfreward.pipeline.slurm import (
     render_script,
     submit_run,
 )
-from megatron_selfreward.stages.errors import StageError
+from megatron_selfreward.errors import StageError
 from tests.conftest import REPO
 
 TINY = REPO / "tests" / "slurm" / "tiny_slurm.yaml"

@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from megatron_selfreward.config import ConfigError, load_config
-from megatron_selfreward.pipeline.plan import find_stage, plan
+from megatron_selfreward.pipeline.schedule import find_stage, plan
 from megatron_selfreward.pipeline.slurm import job_shape, render_script, stages_to_submit
 from megatron_selfreward.pipeline.workers import _within_array, shard_comm
 from megatron_selfreward.stages.shards import Workers

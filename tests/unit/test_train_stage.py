@@ -7,11 +7,11 @@ from collections import Counter
 import pytest
 
 from megatron_selfreward.config import load_config
-from megatron_selfreward.data import dpo_data
+from megatron_selfreward.data import dpo_batches
 from megatron_selfreward.io import write_jsonl
 from megatron_selfreward.records import PreferencePair
-from megatron_selfreward.stages.errors import StageError
-from megatron_selfreward.stages.train import run_train_dpo
+from megatron_selfreward.errors import StageError
+from megatron_selfreward.stages.finetune import run_train_dpo
 from tests.conftest import CONFIGS
 from tests.unit.test_dpo_loss import make_pairs
 
@@ -20,13 +20,13 @@ from tests.unit.test_dpo_loss import make_pairs
 def tokenised(monkeypatch: pytest.MonkeyPatch) -> Counter:
     """prompt_id -> how many times its pair went through `tokenize_pair`."""
     calls: Counter = Counter()
-    real = dpo_data.tokenize_pair
+    real = dpo_batches.tokenize_pair
 
     def counting(pair: PreferencePair, *args, **kwargs):
         calls[pair.prompt_id] += 1
         return real(pair, *args, **kwargs)
 
-    monkeypatch.setattr(dpo_data, "tokenize_pair", counting)
+    monkeypatch.setattr(dpo_batches, "tokenize_pair", counting)
     return calls
 
 

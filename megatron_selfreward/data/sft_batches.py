@@ -62,7 +62,7 @@ def check_not_empty(stats: LengthStats, section: str, seq_len: int, source: str 
     """Refuse a data set that leaves nothing to train on, naming where it came from."""
     if stats.kept:
         return
-    from megatron_selfreward.stages.errors import StageError
+    from megatron_selfreward.errors import StageError
 
     where = source or "the training data"
     noun = "pairs" if section == "dpo" else "examples"

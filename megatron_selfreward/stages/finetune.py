@@ -22,7 +22,7 @@ from typing import Any
 from megatron_selfreward.config import Config
 from megatron_selfreward.io import atomic_write_json, read_records
 from megatron_selfreward.records import SFTExample
-from megatron_selfreward.stages.errors import StageError
+from megatron_selfreward.errors import StageError
 from megatron_selfreward.stages.manifest import manifest_path
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -94,7 +94,7 @@ def _no_pairs_message(iteration: int, pairs_path: Path, why: str) -> str:
 
 def run_train_dpo(cfg: Config, iteration: int, pairs_path: Path, init_dir: Path, out: Path,
                   fp: dict[str, Any] | None) -> dict[str, Any]:
-    from megatron_selfreward.data.dpo_data import read_pairs
+    from megatron_selfreward.data.dpo_batches import read_pairs
     from megatron_selfreward.train import prepare_dpo_data, run_dpo
 
     pairs = read_pairs(pairs_path)

@@ -2,7 +2,7 @@
 
 A pair (the pipeline's `pairs.jsonl`, `PreferencePair` records) becomes the prompt rendered as a
 user turn plus the generation prompt, and the two responses rendered as assistant turns (text
-and end-of-turn marker), each tokenised on its own, exactly as `sft_data` does. The loss counts
+and end-of-turn marker), each tokenised on its own, exactly as `sft_batches` does. The loss counts
 only response tokens.
 
 Over-long pairs: the prompt is kept whole and each response is cut to fit `seq_len`; a pair
@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_selfreward.data.sft_data import (
+from megatron_selfreward.data.sft_batches import (
     LengthStats,
     TokenizedSample,
     padded_batch,
@@ -126,8 +126,8 @@ def dpo_micro_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """This DP rank's micro-batches of one global batch of pair `indices` (micro_batch_size pairs each).
 
-    Grouped by length as `sft_data.split_global_batch` does; `uniform_length` as in
-    `sft_data.sft_micro_batches` (required under pipeline parallelism).
+    Grouped by length as `sft_batches.split_global_batch` does; `uniform_length` as in
+    `sft_batches.sft_micro_batches` (required under pipeline parallelism).
     """
     lengths = [pairs[i].max_len for i in indices]
     longest = max(lengths)
