@@ -316,6 +316,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['rows_joined'] if r['rows_joined'] is not None else '-'} | "
             f"{r['decode_steps'] if r['decode_steps'] is not None else '-'} | "
             f"{'; '.join(str(tuple(l)) for l in r['load_1m'])} |")
+    lines.append("")
     for engine, settings in report.get("vllm_settings", {}).items():
         lines.append(f"- {engine} environment: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     if isinstance(report.get("decode_sweep"), list):
@@ -323,7 +324,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "| rows | ms per decode step | decode tok/s | load |", "|---|---|---|---|"]
         lines += [f"| {r['rows']} | {r['decode_step_ms']:.0f} | {r['decode_tokens_per_s']:.0f} | {r['load_1m']} |"
                   for r in report["decode_sweep"]]
-    lines += ["", *report.get("notes", []), "", "Every run is in continuous_batching.json."]
+    lines += ["", *report.get("notes", []), "", f"Every run is in {report.get('json_name', 'the JSON beside this file')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -390,6 +391,7 @@ def main() -> None:
         "load_summary": f"min {min(loads):.1f}, median {statistics.median(loads):.1f}, max {max(loads):.1f}",
         "summary": summarise(runs), "runs": runs,
         "decode_sweep": sweep and (sweep.get("sweep") or sweep),
+        "json_name": args.out.name,
         "vllm_settings": {r["engine"]: {**r["settings"], "tuning_missing": r.get("tuning_missing", [])}
                           for r in runs if r.get("settings")},
     }

@@ -21,8 +21,15 @@ def test_trtllm_engine_without_tensorrt_llm_says_what_to_do(tmp_path, monkeypatc
     assert "generation.engine=megatron" in str(err.value)
 
 
-def test_megatron_engine_is_always_available():
-    check_engine_available(load_config(CONFIGS / "tiny.yaml"))
+def test_megatron_engine_is_available_where_tensorrt_llm_is_not(monkeypatch):
+    """The same installation (no TensorRT-LLM): the check refuses trtllm and lets megatron pass,
+    so it reads the configured engine rather than refusing or allowing everything."""
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)  # not importable, also where it is installed
+    megatron = load_config(CONFIGS / "tiny.yaml")
+    assert megatron.generation.engine == "megatron"
+    check_engine_available(megatron)  # raises if it refused
+    with pytest.raises(RuntimeError, match="cannot be imported"):
+        check_engine_available(load_config(CONFIGS / "tiny.yaml", ["generation.engine=trtllm"]))
 
 
 def test_a_sequence_parallel_config_generates_from_its_checkpoint(tmp_path):
