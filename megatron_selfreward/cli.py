@@ -438,9 +438,9 @@ def _input_errors() -> tuple[type[Exception], ...]:
     from megatron_selfreward.convert.hf_megatron import ConversionError
     from megatron_selfreward.convert.llama_map import UnsupportedModelError
     from megatron_selfreward.data.seed import SeedError
+    from megatron_selfreward.errors import StageError
     from megatron_selfreward.io import JsonlError
     from megatron_selfreward.records import RecordError
-    from megatron_selfreward.errors import StageError
 
     return (StageError, SeedError, JsonlError, RecordError, GGUFImportError, HFCheckpointError,
             ConversionError, UnsupportedModelError)

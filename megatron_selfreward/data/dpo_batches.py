@@ -24,6 +24,7 @@ import torch
 from megatron_selfreward.data.sft_batches import (
     LengthStats,
     TokenizedSample,
+    fit_all,
     padded_batch,
     round_up,
     split_global_batch,
@@ -85,18 +86,7 @@ def fit_pair(pair: TokenizedPair, seq_len: int) -> tuple[TokenizedPair | None, b
 def prepare_dpo(
     pairs: Sequence[PreferencePair], tokenizer: Tokenizer, template: str, seq_len: int
 ) -> tuple[list[TokenizedPair], LengthStats]:
-    stats = LengthStats()
-    out: list[TokenizedPair] = []
-    for i, pair in enumerate(pairs):
-        fitted, cut = fit_pair(tokenize_pair(pair, tokenizer, template), seq_len)
-        if fitted is None:
-            stats.dropped += 1
-            stats.dropped_indices.append(i)
-            continue
-        stats.kept += 1
-        stats.truncated += int(cut)
-        out.append(fitted)
-    return out, stats
+    return fit_all(pairs, lambda pair: fit_pair(tokenize_pair(pair, tokenizer, template), seq_len))
 
 
 def pair_batch(

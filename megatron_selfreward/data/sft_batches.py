@@ -21,7 +21,7 @@ alone (megatron's GPTModel derives RoPE angles from the row position, not from `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -120,17 +120,24 @@ def prepare_sft(
     examples: Sequence[SFTExample], tokenizer: Tokenizer, template: str, seq_len: int
 ) -> tuple[list[TokenizedSample], LengthStats]:
     """Tokenise every example; truncate or drop over-long ones (counted in the stats)."""
+    return fit_all(examples, lambda example: fit_to_length(
+        tokenize_conversation(example.messages, tokenizer, template), seq_len))
+
+
+def fit_all(records: Sequence[Any], fit: Callable[[Any], tuple[Any, bool]]) -> tuple[list, LengthStats]:
+    """`fit(record) -> (fitted or None when dropped, was it cut)` over `records`: the fitted
+    ones in order, and the kept, dropped (with their indices) and cut counts."""
     stats = LengthStats()
-    out: list[TokenizedSample] = []
-    for i, example in enumerate(examples):
-        sample, cut = fit_to_length(tokenize_conversation(example.messages, tokenizer, template), seq_len)
-        if sample is None:
+    out = []
+    for i, record in enumerate(records):
+        fitted, cut = fit(record)
+        if fitted is None:
             stats.dropped += 1
             stats.dropped_indices.append(i)
             continue
         stats.kept += 1
         stats.truncated += int(cut)
-        out.append(sample)
+        out.append(fitted)
     return out, stats
 
 

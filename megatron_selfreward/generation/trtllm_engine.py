@@ -152,8 +152,8 @@ class TRTLLMEngine(GenerationEngine):
         """A model directory (`models/M<t>`): export `hf/` if needed, then create the LLM from it
         (PyTorch backend) or from the engine built or reused in `trtllm/` (TensorRT backend).
         Called once per iteration (a new model), never per request."""
-        from megatron_selfreward.generation.trtllm_build import build_engine_for, prepare_model_dir
         from megatron_selfreward.generation.trtllm_api import pytorch_llm_class, tensorrt_llm_class
+        from megatron_selfreward.generation.trtllm_build import build_engine_for, prepare_model_dir
 
         if not isinstance(source, (str, Path)):
             raise TypeError(f"TRTLLMEngine.load_weights takes a model directory, not {type(source)}")

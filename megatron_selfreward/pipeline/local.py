@@ -31,12 +31,12 @@ from typing import Any, Callable
 import torch
 
 from megatron_selfreward.config import Config, save_resolved
+from megatron_selfreward.errors import StageError
 from megatron_selfreward.io import atomic_write_json
 from megatron_selfreward.megatron.parallel import read_dist_env
-from megatron_selfreward.pipeline.schedule import StageSpec, model_dir, spec_fingerprint
 from megatron_selfreward.pipeline.registry import STAGE_KINDS, adapter, adapter_for, stage_cost
+from megatron_selfreward.pipeline.schedule import StageSpec, model_dir, spec_fingerprint
 from megatron_selfreward.precision import describe
-from megatron_selfreward.errors import StageError
 from megatron_selfreward.stages.manifest import is_done, manifest_path, write_manifest
 from megatron_selfreward.threads import threads_choice
 

@@ -106,8 +106,8 @@ def profile_stage(cfg: Config, name: str, iteration: int, out: Path | None = Non
     from torch.profiler import ProfilerActivity, profile
 
     from megatron_selfreward.pipeline.local import stage_done
-    from megatron_selfreward.pipeline.schedule import find_stage, plan
     from megatron_selfreward.pipeline.run import run_one
+    from megatron_selfreward.pipeline.schedule import find_stage, plan
 
     run_dir = Path(cfg.pipeline.run_dir)
     spec = find_stage(plan(cfg), name, iteration)  # an unknown stage fails before any work

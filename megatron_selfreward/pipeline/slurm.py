@@ -41,12 +41,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from megatron_selfreward.config import Config, ConfigError, generation_tp, save_resolved, tasks_per_node
+from megatron_selfreward.errors import StageError
 from megatron_selfreward.io import atomic_write_json, atomic_write_text
 from megatron_selfreward.pipeline.local import stage_done
+from megatron_selfreward.pipeline.registry import SHARDED_STAGES, STAGE_KINDS
 from megatron_selfreward.pipeline.schedule import StageSpec, plan
-from megatron_selfreward.pipeline.registry import STAGE_KINDS
-from megatron_selfreward.pipeline.registry import SHARDED_STAGES
-from megatron_selfreward.errors import StageError
 
 Log = Callable[[str], None]
 PYTHON_LAUNCHER = "python.sh"  # in <run_dir>/slurm/, used when executor.slurm.python is empty

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from megatron_selfreward.config import Config
+from megatron_selfreward.errors import StageError
 from megatron_selfreward.io import atomic_write_json, read_records
 from megatron_selfreward.records import SFTExample
-from megatron_selfreward.errors import StageError
 from megatron_selfreward.stages.manifest import manifest_path
 
 FINGERPRINT_FILE = "fingerprint.json"

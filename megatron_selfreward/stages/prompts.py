@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from megatron_selfreward.config import Config
+from megatron_selfreward.errors import StageError
 from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams
 from megatron_selfreward.io import read_records, write_jsonl
 from megatron_selfreward.records import Prompt, SFTExample
-from megatron_selfreward.errors import StageError
 from megatron_selfreward.stages.rouge import RougeLIndex, rouge_tokens
 
 TEMPLATE_HEADER = "Come up with a series of tasks:\n"

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
+from megatron_selfreward.errors import StageError
 from megatron_selfreward.io import Records, atomic_write_json, concat_jsonl, write_jsonl
 from megatron_selfreward.progress import progress_bar
-from megatron_selfreward.errors import StageError
 
 T = TypeVar("T")
 R = TypeVar("R")

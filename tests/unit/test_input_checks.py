@@ -22,8 +22,8 @@ from megatron_selfreward.config import load_config
 from megatron_selfreward.convert.gguf import GGUFImportError, check_gguf_file, import_gguf
 from megatron_selfreward.convert.hf_checkpoint import HFCheckpointError
 from megatron_selfreward.pipeline.local import stage_done
-from megatron_selfreward.pipeline.schedule import find_stage, plan
 from megatron_selfreward.pipeline.run import import_base_model
+from megatron_selfreward.pipeline.schedule import find_stage, plan
 from tests.conftest import CONFIGS
 
 

@@ -22,11 +22,11 @@ import megatron_selfreward.generation.sampling as sampling_mod
 from megatron_selfreward.config import load_config
 from megatron_selfreward.generation.engine import GenerationRequest, SamplingParams, sample_seed
 from megatron_selfreward.generation.megatron_engine import MegatronEngine, MegatronRunner
-from megatron_selfreward.generation.sampling import sample_tokens
 from megatron_selfreward.generation.packed_linear import packing_supported
+from megatron_selfreward.generation.sampling import sample_tokens
+from megatron_selfreward.kernels import decode_cpu
 from megatron_selfreward.megatron.model import build_model
 from megatron_selfreward.megatron.parallel import single_process_world
-from megatron_selfreward.kernels import decode_cpu
 from tests.conftest import CONFIGS
 
 VOCAB = 512

@@ -18,8 +18,8 @@ from megatron_selfreward.judging.metrics import (
     spearman,
 )
 from megatron_selfreward.io import Records, write_jsonl
-from megatron_selfreward.judging.preference_pairs import NoPairReason, build_pair, select_pair_indices
 from megatron_selfreward.judging.parse import judgement_from_outputs
+from megatron_selfreward.judging.preference_pairs import NoPairReason, build_pair, select_pair_indices
 from megatron_selfreward.records import Judgement, PreferencePair, Prompt, Response
 from megatron_selfreward.stages.respond import run_build_pairs
 

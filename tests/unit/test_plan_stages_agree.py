@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 
@@ -19,10 +18,7 @@ from megatron_selfreward.pipeline.local import StageContext, run_stage, stage_do
 from megatron_selfreward.pipeline.registry import STAGE_KINDS, STAGE_NAMES, adapter_for
 from megatron_selfreward.pipeline.schedule import find_stage, plan, spec_fingerprint
 from tests.conftest import CONFIGS
-
-
-def _tiny(run_dir: Path, *overrides: str):
-    return load_config(CONFIGS / "tiny.yaml", [f"pipeline.run_dir={run_dir}", *overrides])
+from tests.unit.test_input_checks import tiny_cfg, write_hf_dir
 
 
 def _moved(spec, rename):
@@ -35,7 +31,7 @@ def _run(cfg, spec) -> None:
 
 
 def test_prepare_seed_writes_where_its_spec_says(tmp_path):
-    cfg = _tiny(tmp_path / "run")
+    cfg = tiny_cfg(tmp_path / "run")
     planned = find_stage(plan(cfg), "prepare_seed", 0)
     moved = _moved(planned, lambda p: p.parent.parent / "seed_elsewhere" / f"x_{p.name}")
     _run(cfg, moved)
@@ -45,23 +41,9 @@ def test_prepare_seed_writes_where_its_spec_says(tmp_path):
     assert not (tmp_path / "run" / "seed").exists()
 
 
-def _hf_dir(directory: Path, cfg) -> Path:
-    """A Hugging Face directory of the tiny preset's shapes (zeros), for an import that links."""
-    import torch
-    from safetensors.torch import save_file
-
-    from megatron_selfreward.convert.llama_map import hf_config_from_model, hf_tensor_shapes
-
-    directory.mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps(hf_config_from_model(cfg)))
-    save_file({name: torch.zeros(shape) for name, shape in hf_tensor_shapes(cfg).items()},
-              directory / "model.safetensors", metadata={"format": "pt"})
-    return directory
-
-
 def test_import_model_writes_where_its_spec_says(tmp_path):
-    source = _hf_dir(tmp_path / "user_model", _tiny(tmp_path))
-    cfg = _tiny(tmp_path / "run", "model.source=hf", f"model.path={source}")
+    source = write_hf_dir(tmp_path / "user_model", tiny_cfg(tmp_path))
+    cfg = tiny_cfg(tmp_path / "run", "model.source=hf", f"model.path={source}")
     planned = find_stage(plan(cfg), "import_model", 0)
     moved = _moved(planned, lambda p: p.parent / "base_elsewhere")
     _run(cfg, moved)
@@ -74,7 +56,7 @@ def test_import_model_writes_where_its_spec_says(tmp_path):
 def test_build_pairs_writes_where_its_spec_says_with_its_specs_fingerprint(tmp_path):
     from tests.unit.test_pairs_metrics import _iteration_files
 
-    cfg = _tiny(tmp_path / "run")
+    cfg = tiny_cfg(tmp_path / "run")
     planned = find_stage(plan(cfg), "build_pairs", 1)
     (prompts, responses, judgements), *_ = _iteration_files(planned.output.parent.parent / "iter1")
     assert {"prompts": prompts, "responses": responses, "judgements": judgements} == planned.inputs

@@ -12,8 +12,8 @@ import pytest
 
 from megatron_selfreward.config import load_config, save_resolved
 from megatron_selfreward.io import atomic_write_json, write_jsonl
-from megatron_selfreward.judging.parse import judgement_from_outputs
 from megatron_selfreward.judging.head_to_head import summarize_outcomes
+from megatron_selfreward.judging.parse import judgement_from_outputs
 from megatron_selfreward.records import PreferencePair, Prompt, RankedPrompt, Response
 from megatron_selfreward.report import PAPER_TABLE4, write_report
 from megatron_selfreward.stages.evaluate import (

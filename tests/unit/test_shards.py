@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
+from megatron_selfreward.errors import StageError
 from megatron_selfreward.io import JsonlError, Records, read_records, write_jsonl
 from megatron_selfreward.records import Prompt
-from megatron_selfreward.errors import StageError
 from megatron_selfreward.stages.shards import GATHER_ONLY, Workers, clear_shards, run_sharded, shard_dir, worker_stats
 
 

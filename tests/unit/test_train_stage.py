@@ -8,9 +8,9 @@ import pytest
 
 from megatron_selfreward.config import load_config
 from megatron_selfreward.data import dpo_batches
+from megatron_selfreward.errors import StageError
 from megatron_selfreward.io import write_jsonl
 from megatron_selfreward.records import PreferencePair
-from megatron_selfreward.errors import StageError
 from megatron_selfreward.stages.finetune import run_train_dpo
 from tests.conftest import CONFIGS
 from tests.unit.test_dpo_loss import make_pairs

@@ -524,8 +524,8 @@ def test_policy_exports_hf_from_megatron_and_never_builds_the_model(standin, tmp
     import megatron_selfreward.megatron.model as model_module
     from megatron_selfreward.generation.trtllm_build import EXPORT_STAMP_FILE
     from megatron_selfreward.generation.trtllm_engine import TRTLLMEngine
-    from megatron_selfreward.policy import load_policy
     from megatron_selfreward.pipeline.run import import_base_model
+    from megatron_selfreward.policy import load_policy
 
     run_dir = tmp_path / "run"
     m0 = import_base_model(load_config(CONFIGS / "tiny.yaml", [f"pipeline.run_dir={run_dir}"]))
