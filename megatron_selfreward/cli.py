@@ -153,17 +153,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
         src = Path(args.src)
         # ConversionError / UnsupportedModelError (a checkpoint it cannot convert) are input
         # errors: main reports them in one line, exit 3.
-        if args.direction == "hf-to-megatron":
-            with single_process_world():  # the command runs the converter: it owns the world
-                out = convert_hf_to_megatron(src, Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
-        else:
-            model_cfg = (load_config(resolve_config_path(args.model_config)).model
-                         if args.model_config else None)
-            with single_process_world():
+        to_hf = args.direction == "megatron-to-hf"
+        model_cfg = (load_config(resolve_config_path(args.model_config)).model
+                     if to_hf and args.model_config else None)
+        with single_process_world():  # the command runs the converter: it owns the world
+            if to_hf:
                 out = convert_megatron_to_hf(
                     src, Path(args.out), dtype=args.dtype, model_cfg=model_cfg,
                     tokenizer_dir=args.tokenizer, max_shard_bytes=int(args.max_shard_gb * 1024**3),
                     overwrite=args.overwrite)
+            else:
+                out = convert_hf_to_megatron(src, Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out} from {src} in {time.perf_counter() - started_s:.1f} s")
     return 0
 

@@ -41,6 +41,9 @@ from megatron_selfreward.stages.manifest import is_done, manifest_path, write_ma
 from megatron_selfreward.threads import threads_choice
 
 Log = Callable[[str], None]
+# What `run_stage` hands each adapter: the spec's fingerprint taken before the stage ran, once
+# (hashing inputs of hundreds of MB is not repeated per caller), or None when an input was missing.
+Fingerprint = dict[str, Any] | None
 
 
 class ModelCache:
@@ -90,21 +93,21 @@ class StageContext:
 
 
 @adapter("prepare_seed")
-def _prepare_seed(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
+def _prepare_seed(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> dict[str, Any]:
     from megatron_selfreward.stages.seed import run_prepare_seed
 
     return run_prepare_seed(cfg, spec.outputs, ctx.log)
 
 
 @adapter("import_model")
-def _import_model(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+def _import_model(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> None:
     from megatron_selfreward.stages.import_model import run_import_model
 
-    run_import_model(cfg, spec.aux.get("source"), spec.output, spec_fingerprint(spec))
+    run_import_model(cfg, spec.aux.get("source"), spec.output, _fingerprint(spec, fp))
 
 
 @adapter("build_eft")
-def _build_eft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
+def _build_eft(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> dict[str, Any]:
     from megatron_selfreward.stages.seed import run_build_eft
 
     return run_build_eft(cfg, spec.inputs["ranked_train"], ctx.models.get(spec.inputs["model"]), spec.output)
@@ -115,12 +118,12 @@ def _world_size() -> int:
     return read_dist_env().world_size
 
 
-def _torchrun(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+def _torchrun(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> None:
     """Run a stage as `selfreward stage` under torchrun; it writes its own manifest."""
     from megatron_selfreward.stages.finetune import prepare_out_dir
 
     if spec.distributed:
-        prepare_out_dir(spec.output, spec_fingerprint(spec))  # here, once, not racing in each rank
+        prepare_out_dir(spec.output, _fingerprint(spec, fp))  # here, once, not racing in each rank
     n = cfg.executor.nproc_per_node
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
            "-m", "megatron_selfreward.cli", "stage", spec.name, "--iteration", str(spec.iteration),
@@ -136,19 +139,19 @@ def _launched(cfg: Config) -> bool:
 
 
 @adapter("train_sft_baseline", "train_sft")
-def _train_sft(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any] | None:
+def _train_sft(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> dict[str, Any] | None:
     from megatron_selfreward.stages.finetune import run_train_sft
 
     ctx.models.release()
     if _launched(cfg):
-        return _torchrun(cfg, spec, ctx)
+        return _torchrun(cfg, spec, ctx, fp)
     data = {k: v for k, v in spec.inputs.items() if k != "init"}
-    fp = spec_fingerprint(spec) if _world_size() == 1 else None
+    fp = _fingerprint(spec, fp) if _world_size() == 1 else None
     return run_train_sft(cfg, data, spec.inputs["init"], spec.output, fp)
 
 
 @adapter("generate_prompts")
-def _generate_prompts(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
+def _generate_prompts(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> dict[str, Any]:
     from megatron_selfreward.stages.prompts import run_generate_prompts
 
     earlier = [p for k, p in spec.inputs.items() if k.startswith("prompts_iter")]
@@ -157,14 +160,15 @@ def _generate_prompts(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[s
     return run_generate_prompts(cfg, spec.iteration, spec.inputs["ift"], earlier, policy, spec.output)
 
 
-def _sharded(cfg: Config, spec: StageSpec, ctx: StageContext, run: Callable[..., Any]) -> None:
+def _sharded(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint,
+             run: Callable[..., Any]) -> None:
     """A generation stage split over this launcher's workers; the model loads on first use."""
     from megatron_selfreward.pipeline.workers import LazyEngine, generation_workers
     from megatron_selfreward.policy import load_tokenizer
     from megatron_selfreward.stages.shards import GATHER_ONLY, SINGLE
 
     if _launched(cfg) and not (ctx.array or ctx.gather_only):
-        return _torchrun(cfg, spec, ctx)
+        return _torchrun(cfg, spec, ctx, fp)
     model = spec.inputs["model"]
     tokenizer = load_tokenizer(cfg, model)
     with generation_workers(cfg, ctx.array, ctx.gather_only) as workers:
@@ -178,43 +182,43 @@ def _sharded(cfg: Config, spec: StageSpec, ctx: StageContext, run: Callable[...,
 
 
 @adapter("sample_responses")
-def _sample_responses(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+def _sample_responses(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> None:
     from megatron_selfreward.stages.respond import run_sample_responses
 
     def run(engine: Any, tokenizer: Any, workers: Any) -> None:
-        run_sample_responses(cfg, engine, tokenizer, spec.inputs["prompts"], spec_fingerprint(spec),
+        run_sample_responses(cfg, engine, tokenizer, spec.inputs["prompts"], _fingerprint(spec, fp),
                              spec.output, workers)
 
-    _sharded(cfg, spec, ctx, run)
+    _sharded(cfg, spec, ctx, fp, run)
 
 
 @adapter("judge_responses")
-def _judge_responses(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+def _judge_responses(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> None:
     from megatron_selfreward.stages.respond import run_judge_responses
 
     def run(engine: Any, tokenizer: Any, workers: Any) -> None:
         run_judge_responses(cfg, engine, tokenizer, spec.inputs["prompts"], spec.inputs["responses"],
-                            spec_fingerprint(spec), spec.output, workers)
+                            _fingerprint(spec, fp), spec.output, workers)
 
-    _sharded(cfg, spec, ctx, run)
+    _sharded(cfg, spec, ctx, fp, run)
 
 
 @adapter("build_pairs")
-def _build_pairs(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+def _build_pairs(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> None:
     from megatron_selfreward.stages.respond import run_build_pairs
 
     i = spec.inputs
-    run_build_pairs(i["prompts"], i["responses"], i["judgements"], spec.output, spec_fingerprint(spec))
+    run_build_pairs(i["prompts"], i["responses"], i["judgements"], spec.output, _fingerprint(spec, fp))
 
 
 @adapter("train_dpo")
-def _train_dpo(cfg: Config, spec: StageSpec, ctx: StageContext) -> dict[str, Any] | None:
+def _train_dpo(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> dict[str, Any] | None:
     from megatron_selfreward.stages.finetune import run_train_dpo
 
     ctx.models.release()
     if _launched(cfg):
-        return _torchrun(cfg, spec, ctx)
-    fp = spec_fingerprint(spec) if _world_size() == 1 else None
+        return _torchrun(cfg, spec, ctx, fp)
+    fp = _fingerprint(spec, fp) if _world_size() == 1 else None
     return run_train_dpo(cfg, spec.iteration, spec.inputs["pairs"], spec.inputs["init"], spec.output, fp)
 
 
@@ -234,7 +238,7 @@ def evaluation_of(cfg: Config, spec: StageSpec) -> tuple[Any, dict[str, Any]]:
 
 
 @adapter("evaluate")
-def _evaluate(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+def _evaluate(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> None:
     from megatron_selfreward.stages.evaluate import run_evaluate
 
     ev, fp = evaluation_of(cfg, spec)
@@ -246,7 +250,7 @@ def _evaluate(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
 
 
 @adapter("report")
-def _report(cfg: Config, spec: StageSpec, ctx: StageContext) -> None:
+def _report(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> None:
     from megatron_selfreward.report import write_report
 
     write_report(cfg, ctx.run_dir)
@@ -261,38 +265,58 @@ def _inputs_missing(spec: StageSpec) -> bool:
 
 
 def stage_done(spec: StageSpec) -> bool:
+    return _done(spec, _current_fingerprint(spec))
+
+
+def _current_fingerprint(spec: StageSpec) -> Fingerprint:
+    """Of the inputs as they are now; None when one is missing (the stage's to report, so only a
+    stage that made do without it is fingerprinted afterwards)."""
+    return None if _inputs_missing(spec) else spec_fingerprint(spec)
+
+
+def _done(spec: StageSpec, fp: Fingerprint) -> bool:
     # A stage whose inputs are not all there has nothing to compare its manifest with; running
     # it lets the stage say what is missing (the seed loader: what a seed directory must hold).
-    if not STAGE_KINDS[spec.name].skip_when_done or _inputs_missing(spec):
+    if not STAGE_KINDS[spec.name].skip_when_done or fp is None:
         return False
-    return is_done(spec.output, spec_fingerprint(spec)) and all(p.exists() for p in spec.outputs.values())
+    return is_done(spec.output, fp) and all(p.exists() for p in spec.outputs.values())
+
+
+def _fingerprint(spec: StageSpec, fp: Fingerprint) -> dict[str, Any]:
+    """The fingerprint taken of the inputs before the stage ran, or (an input was missing then)
+    one of the inputs as they are now."""
+    return fp if fp is not None else spec_fingerprint(spec)
 
 
 def run_stage(cfg: Config, spec: StageSpec, ctx: StageContext) -> bool:
     """Run one stage unless done; True when it ran."""
-    if stage_done(spec):
+    fp = _current_fingerprint(spec)
+    if _done(spec, fp):
         return False
+    _run_stage(cfg, spec, ctx, fp)
+    return True
+
+
+def _run_stage(cfg: Config, spec: StageSpec, ctx: StageContext, fp: Fingerprint) -> None:
+    """Run one stage that is not done and publish its manifest; `fp`: its inputs' fingerprint,
+    taken once before the stage reads them (`_current_fingerprint`)."""
     from megatron_selfreward.perf.memory import PeakMemory
 
     started = time.time()
-    # Of the inputs as they are now, before the stage reads them (a missing one is the stage's
-    # to report, so only a stage that made do without it is fingerprinted afterwards).
-    fp = None if _inputs_missing(spec) else spec_fingerprint(spec)
     with PeakMemory(interval_s=0.2) as meter:
-        counts = adapter_for(spec.name)(cfg, spec, ctx)
+        counts = adapter_for(spec.name)(cfg, spec, ctx, fp)
     # None: the stage wrote its own manifest (or a launched sub-process did). Rank 0 writes.
     env = read_dist_env()
     if env.rank != 0:
-        return True
+        return
     facts = {"memory": meter.result(), "precision": precision_record(cfg),
              "threads": {"intra_op": torch.get_num_threads(), "why": threads_choice()}}
     if counts is not None:
-        write_manifest(spec.output, spec.name, fp or spec_fingerprint(spec), counts, started,
+        write_manifest(spec.output, spec.name, _fingerprint(spec, fp), counts, started,
                        {"iteration": spec.iteration, "processes": env.world_size, "launcher": env.launcher,
                         **facts})
     else:
         _add_facts(spec, facts)
-    return True
 
 
 def precision_record(cfg: Config) -> dict[str, str]:
@@ -339,13 +363,14 @@ def run_local(cfg: Config, stages: list[StageSpec], log: Log = print) -> dict[st
             head = f"[{i}/{len(stages)}] {spec.label}"
             cost = stage_cost(spec.name)
             cost_left -= cost
-            if stage_done(spec):
+            fp = _current_fingerprint(spec)
+            if _done(spec, fp):
                 skipped.append(spec.label)
                 log(f"{head} (done)")
                 continue
             log(f"{head} -> {spec.output}")
             t0 = time.time()
-            run_stage(cfg, spec, ctx)
+            _run_stage(cfg, spec, ctx, fp)
             took = time.time() - t0
             spent, cost_done = spent + took, cost_done + cost
             ran.append(spec.label)

@@ -91,3 +91,21 @@ def test_a_spec_must_name_a_registered_stage():
 
     with pytest.raises(ValueError, match="not a stage of pipeline/registry.py"):
         StageSpec("train_everything", 0, {}, {})
+
+
+def test_a_stage_run_hashes_each_input_once(tmp_path, monkeypatch):
+    """`run_stage` fingerprints the inputs once and hands that to the stage (at paper scale the
+    responses and judgements are hundreds of MB): not again for "done?", the adapter or the
+    manifest."""
+    from megatron_selfreward.stages import manifest as manifest_module
+    from tests.unit.test_pairs_metrics import _iteration_files
+
+    cfg = tiny_cfg(tmp_path / "run")
+    spec = find_stage(plan(cfg), "build_pairs", 1)
+    _iteration_files(spec.output.parent)
+    hashed = []
+    real = manifest_module._hash_input
+    monkeypatch.setattr(manifest_module, "_hash_input", lambda path: hashed.append(path.name) or real(path))
+    _run(cfg, spec)
+    assert sorted(hashed) == ["judgements.jsonl", "prompts.jsonl", "responses.jsonl"]
+    assert stage_done(spec)
